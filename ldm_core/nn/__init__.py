@@ -1,0 +1,1 @@
+"""Networks whose attribute names equal the original checkpoint keys."""
