@@ -177,7 +177,9 @@ class ModelSampling:
             w = ((lo - log_sigma.reshape(-1)) / (lo - hi)).clamp(0, 1)
             idx = low.to(torch.float64) + w
         t = idx * self.timestep_stride + (self.timestep_stride - 1)
-        return t.reshape(sigma.shape).to(sigma.dtype if sigma.is_floating_point() else torch.float64)
+        return t.reshape(sigma.shape).to(
+            sigma.dtype if sigma.is_floating_point() else torch.float64
+        )
 
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
         """Noise level of a (fractional) timestep, interpolating log sigma between entries."""
@@ -192,7 +194,9 @@ class ModelSampling:
 
     # --- denoiser scalings -----------------------------------------------------------------------
 
-    def scalings(self, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scalings(
+        self, sigma: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in) with D = c_skip*x + c_out*F(c_in*x, t(sigma)); sigma_data = 1."""
         sigma = torch.as_tensor(sigma)
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
@@ -346,7 +350,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 300):
         m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for aa in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
             d = 1.0 + aa * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + aa / c

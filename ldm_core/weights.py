@@ -161,27 +161,36 @@ class WeightFile:
         return {k: self.shape(k) for k in self.keys()}
 
     # -- reading ---------------------------------------------------------------------------
+    def target_dtype(self, key: str, dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype `get(key, dtype)` returns: floats are cast, integers and bools kept."""
+        src = self.dtype(key)
+        return dtype if (dtype is not None and src.is_floating_point) else src
+
     def get(
         self,
         key: str,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One tensor, copied into fresh memory (never a view of the file)."""
+        """One tensor, copied into fresh memory or into `out` (never a view of the file)."""
+        target = self.target_dtype(key, dtype)
         if key in self._tensors:
             t = self._tensors[key]
-            return t.to(device=device, dtype=dtype or t.dtype, copy=True)
+            if out is not None:
+                return out.copy_(t)
+            return t.to(device=device, dtype=target, copy=True)
         info = self._infos[key]
-        target = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
         if info.end == info.start:
-            return torch.empty(info.shape, dtype=target, device=device)
+            return out if out is not None else torch.empty(info.shape, dtype=target, device=device)
         assert self._mmap is not None
         with warnings.catch_warnings():  # the map is read-only; we only ever copy out of it
             warnings.simplefilter("ignore", UserWarning)
             src = torch.frombuffer(
                 memoryview(self._mmap)[info.start : info.end], dtype=info.dtype
             ).view(info.shape)
-        out = torch.empty(info.shape, dtype=target, device=device)
+        if out is None:
+            out = torch.empty(info.shape, dtype=target, device=device)
         out.copy_(src)
         del src
         self._release(info.start, info.end)
@@ -206,10 +215,15 @@ class WeightFile:
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
     ) -> dict[str, torch.Tensor]:
-        keys = self.keys() if keys is None else keys
+        """Tensors by name (prefix stripped). On the CPU they are carved from one arena."""
+        keys = self.keys() if keys is None else list(keys)
+        arena = None
+        if torch.device(device).type == "cpu" and keys:
+            arena = Arena(sum(_nbytes(self.shape(k), self.target_dtype(k, dtype)) for k in keys))
         out = {}
         for k in keys:
-            out[k[len(strip_prefix) :] if k.startswith(strip_prefix) else k] = self.get(k, dtype, device)
+            buf = arena.take(self.shape(k), self.target_dtype(k, dtype)) if arena else None
+            out[k[len(strip_prefix) :] if k.startswith(strip_prefix) else k] = self.get(k, dtype, device, buf)
         return out
 
     def close(self) -> None:
@@ -225,6 +239,44 @@ class WeightFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class Arena:
+    """One anonymous memory block that a module's tensors are carved from.
+
+    Fresh memory costs a page fault per 4 KiB page on first touch; faulting in a 4 GB model
+    that way took longer than reading and converting its file. The arena asks the kernel for
+    transparent huge pages (2 MiB), which cuts the faults by 512x where THP is available.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int):
+        self.size = nbytes + self.ALIGN * 1024
+        self._map = mmap.mmap(-1, max(self.size, 1))
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._offset = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = _nbytes(shape, dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        start = -(-self._offset // max(self.ALIGN, itemsize)) * max(self.ALIGN, itemsize)
+        if start + n > self.size:  # more tensors than announced: fall back to the allocator
+            return torch.empty(shape, dtype=dtype)
+        self._offset = start + n
+        return self._bytes[start : start + n].view(dtype).view(shape)
 
 
 def load_legacy_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: float = 10000.0
+) -> torch.Tensor:
     """Sinusoidal embedding [cos, sin] of float timesteps [B] -> [B, dim], always in fp32."""
     half = dim // 2
     exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half

@@ -97,7 +97,7 @@ def _open_clip_to_hf(sd: dict[str, Tensor], width: int) -> dict[str, Tensor]:
             out[top[key]] = value
             continue
         if key == "text_projection":
-            out[_PROJECTION_KEY] = value.T  # [W, E] -> Linear weight [E, W]
+            out[_PROJECTION_KEY] = value.T.contiguous()  # [W, E] -> Linear weight [E, W]
             continue
         match = _OC_LAYER_RE.fullmatch(key)
         if match is None:
@@ -106,7 +106,9 @@ def _open_clip_to_hf(sd: dict[str, Tensor], width: int) -> dict[str, Tensor]:
         fused = re.fullmatch(r"attn\.in_proj_(weight|bias)", rest)
         if fused is not None:
             for i, name in enumerate("qkv"):
-                out[f"{prefix}self_attn.{name}_proj.{fused[1]}"] = value[i * width : (i + 1) * width]
+                out[f"{prefix}self_attn.{name}_proj.{fused[1]}"] = value[
+                    i * width : (i + 1) * width
+                ]
             continue
         for hf_name, oc_name in _LAYER_RENAMES:
             if rest.startswith(oc_name):
@@ -225,8 +227,7 @@ class TextEncoder(nn.Module):
         if self.config.kind is TextEncoderKind.OPEN_CLIP:
             return {k: v.shape for k, v in _hf_to_open_clip(flat).items()}
         return {
-            (k if k == _PROJECTION_KEY else hf_layout_prefix + k): v.shape
-            for k, v in flat.items()
+            (k if k == _PROJECTION_KEY else hf_layout_prefix + k): v.shape for k, v in flat.items()
         }
 
     def load_original_state_dict(
@@ -263,7 +264,9 @@ class TextEncoder(nn.Module):
         if config.kind is TextEncoderKind.OPEN_CLIP:
             flat = _open_clip_to_hf(given, config.hidden_size)
         else:
-            flat = {k.removeprefix(layout) if k != _PROJECTION_KEY else k: v for k, v in given.items()}
+            flat = {
+                k.removeprefix(layout) if k != _PROJECTION_KEY else k: v for k, v in given.items()
+            }
         flat = {k: v.to(device=device, dtype=dtype) for k, v in flat.items()}
         projection = flat.pop(_PROJECTION_KEY, None)
         self._core.load_state_dict(flat, strict=True, assign=True)
@@ -308,7 +311,9 @@ class TextEncoder(nn.Module):
         core = self._core
         x = core.embeddings(input_ids=input_ids)  # [B, T, D]
         length = input_ids.shape[1]
-        mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
+        mask = torch.full(
+            (length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device
+        )
         mask = mask.triu(1)[None, None]  # [1, 1, T, T] additive causal mask
         kept = x if keep == 0 else None
         for index, layer in enumerate(core.encoder.layers[:num_layers]):

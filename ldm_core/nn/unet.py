@@ -198,12 +198,13 @@ class UNetModel(nn.Module):
             raise ValueError(
                 f"UNet: x must have shape [B, {cfg.in_channels}, H, W], got {list(x.shape)}"
             )
-        if self.uses_context:
-            if context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim:
-                got = None if context is None else list(context.shape)
-                raise ValueError(
-                    f"UNet: context must have shape [B, tokens, {cfg.context_dim}], got {got}"
-                )
+        context_ok = context is not None and context.ndim == 3
+        context_ok = context_ok and context.shape[-1] == cfg.context_dim
+        if self.uses_context and not context_ok:
+            got = None if context is None else list(context.shape)
+            raise ValueError(
+                f"UNet: context must have shape [B, tokens, {cfg.context_dim}], got {got}"
+            )
         if cfg.adm_in_channels is None:
             if y is not None:
                 raise ValueError("UNet: y was given but this model has no label_emb")

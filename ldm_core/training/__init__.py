@@ -1,0 +1,1 @@
+"""Training: the synthetic captioned world, its judge, and the training loops."""
