@@ -250,7 +250,13 @@ class ModelHandle:
                     backups.append((param, param.detach().clone()))
                     merged = param.detach().float()
                     for patch in patch_list:
-                        merged = merged + patch.strength * patch.delta(param.detach()).to(merged)
+                        delta = patch.delta(param.detach())
+                        if delta.shape != param.shape:
+                            raise ValueError(
+                                f"{patch.source or 'weight patch'}: delta for {module} {name} has shape "
+                                f"{list(delta.shape)}, the weight has {list(param.shape)}"
+                            )
+                        merged = merged + patch.strength * delta.to(merged)
                     param.copy_(merged.to(param.dtype))
             yield self
         finally:

@@ -423,7 +423,7 @@ class ExtraNetworkTag:
     unet_weight: float = 1.0
     dyn_dim: int | None = None
     args: tuple[str, ...] = ()  # positional items after the name
-    named: dict[str, str] = field(default_factory=dict)
+    named: dict[str, str] = field(default_factory=dict, hash=False)
     text: str = ""  # the tag as written
     error: str | None = None
 

@@ -223,7 +223,8 @@ def _mix(*values: int) -> int:
 class BrownianPath:
     """A seeded Brownian motion W on [t0, t1] (W(t0) = 0) that can be queried at any t.
 
-    W(t) is a deterministic function of (seed, t): the interval is bisected to `depth` levels,
+    W(t) is a deterministic function of (seed, t): the interval is bisected to `depth` levels
+    (32: leaves of ~2e-10 of the interval, about float32 resolution of sigma),
     each midpoint drawn from the Brownian bridge of its parent with noise keyed by its node index,
     and t inside the final interval gets a bridge sample keyed by t itself. Increments therefore
     add up across any partition, like torchsde's BrownianTree (not bit-identical to it).
@@ -236,7 +237,7 @@ class BrownianPath:
         shape: Sequence[int],
         seed: int,
         *,
-        depth: int = 24,
+        depth: int = 32,
     ) -> None:
         if not t1 > t0:
             raise ValueError(f"Brownian path needs t0 < t1, got [{t0}, {t1}]")
@@ -245,14 +246,23 @@ class BrownianPath:
         self.seed = int(seed)
         self.depth = depth
         self.w1 = math.sqrt(self.t1 - self.t0) * self._normal(1, 0)
+        self._recent: dict[float, torch.Tensor] = {}  # samplers ask for each sigma twice
 
     def _normal(self, node: int, salt: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(_mix(self.seed, node, salt))
-        return torch.randn(self.shape, generator=generator, dtype=torch.float64)
+        # float32 draws are several times faster than float64 ones; the sums stay in float64
+        return torch.randn(self.shape, generator=generator).to(torch.float64)
 
     def __call__(self, t: float) -> torch.Tensor:
         """W(t), float64 [shape]; t is clamped into [t0, t1]."""
         t = min(max(float(t), self.t0), self.t1)
+        if t not in self._recent:
+            if len(self._recent) >= 4:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[t] = self._value(t)
+        return self._recent[t]
+
+    def _value(self, t: float) -> torch.Tensor:
         lo, hi = self.t0, self.t1
         w_lo, w_hi = torch.zeros(self.shape, dtype=torch.float64), self.w1
         if t == lo:

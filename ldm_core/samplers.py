@@ -634,8 +634,15 @@ class SamplerRegistry:
     @classmethod
     def with_builtins(cls) -> SamplerRegistry:
         registry = cls()
-        for name, fn, kwargs in _BUILTINS:
-            registry.register(name, fn, **kwargs)
+        for name, fn, schedule, discard, aliases, facts in _BUILTINS:
+            registry.register(
+                name,
+                fn,
+                default_schedule=schedule,
+                discard_penultimate_sigma=discard,
+                aliases=aliases,
+                **facts,
+            )
         return registry
 
     def copy(self) -> SamplerRegistry:
@@ -749,92 +756,34 @@ class SamplerRegistry:
         return sigmas
 
 
-_BUILTINS: list[tuple[str, Callable, dict]] = [
-    ("DPM++ 2M", sample_dpmpp_2m, {"default_schedule": "karras", "aliases": ("k_dpmpp_2m",)}),
-    (
-        "DPM++ SDE",
-        sample_dpmpp_sde,
-        {
-            "default_schedule": "karras",
-            "aliases": ("k_dpmpp_sde",),
-            "brownian_noise": True,
-            "second_order": True,
-        },
-    ),
-    (
-        "DPM++ 2M SDE",
-        sample_dpmpp_2m_sde,
-        {"default_schedule": "exponential", "aliases": ("k_dpmpp_2m_sde",), "brownian_noise": True},
-    ),
-    (
-        "DPM++ 2M SDE Heun",
-        sample_dpmpp_2m_sde,
-        {
-            "default_schedule": "exponential",
-            "aliases": ("k_dpmpp_2m_sde_heun",),
-            "brownian_noise": True,
-            "options": {"solver_type": "heun"},
-        },
-    ),
-    (
-        "DPM++ 2S a",
-        sample_dpmpp_2s_ancestral,
-        {
-            "default_schedule": "karras",
-            "aliases": ("k_dpmpp_2s_a",),
-            "uses_ensd": True,
-            "second_order": True,
-        },
-    ),
-    (
-        "DPM++ 3M SDE",
-        sample_dpmpp_3m_sde,
-        {
-            "default_schedule": "exponential",
-            "discard_penultimate_sigma": True,
-            "aliases": ("k_dpmpp_3m_sde",),
-            "brownian_noise": True,
-        },
-    ),
-    (
-        "Euler a",
-        sample_euler_ancestral,
-        {"aliases": ("k_euler_a", "k_euler_ancestral"), "uses_ensd": True},
-    ),
-    ("Euler", sample_euler, {"aliases": ("k_euler",)}),
-    ("LMS", sample_lms, {"aliases": ("k_lms",)}),
-    ("Heun", sample_heun, {"aliases": ("k_heun",), "second_order": True}),
-    (
-        "DPM2",
-        sample_dpm_2,
-        {
-            "default_schedule": "karras",
-            "discard_penultimate_sigma": True,
-            "aliases": ("k_dpm_2",),
-            "second_order": True,
-        },
-    ),
-    (
-        "DPM2 a",
-        sample_dpm_2_ancestral,
-        {
-            "default_schedule": "karras",
-            "discard_penultimate_sigma": True,
-            "aliases": ("k_dpm_2_a",),
-            "uses_ensd": True,
-            "second_order": True,
-        },
-    ),
-    # A1111 runs DDIM and UniPC on their own timestep grids; these schedules reproduce those grids
-    # (DDIM: t = 1, 1 + 1000//n, ...; UniPC: t = linspace(999, 0, n + 1)) but end at sigma = 0.
-    ("DDIM", sample_ddim, {"default_schedule": "ddim_uniform", "aliases": ("ddim",)}),
-    (
-        "UniPC",
-        sample_unipc,
-        {"discard_penultimate_sigma": True, "aliases": ("unipc", "uni_pc")},
-    ),
-    ("LCM", sample_lcm, {"aliases": ("k_lcm", "lcm"), "model_sampling": "lcm", "uses_ensd": True}),
+_BROWNIAN = {"brownian_noise": True}
+_ENSD = {"uses_ensd": True}
+_TWO = {"second_order": True}
+
+# A1111's table (sd_samplers_kdiffusion.py): name, function, "Automatic" schedule, discard the
+# penultimate sigma, aliases, other facts. A1111 runs DDIM and UniPC on their own timestep grids;
+# "ddim_uniform" and uniform-with-discard reproduce those grids (DDIM: t = 1, 1 + 1000//n, ...;
+# UniPC: t = linspace(999, 0, n + 1)) but end at sigma = 0.
+# fmt: off
+_BUILTINS: list[tuple[str, Callable, str, bool, tuple[str, ...], dict]] = [
+    ("DPM++ 2M", sample_dpmpp_2m, "karras", False, ("k_dpmpp_2m",), {}),
+    ("DPM++ SDE", sample_dpmpp_sde, "karras", False, ("k_dpmpp_sde",), {**_BROWNIAN, **_TWO}),
+    ("DPM++ 2M SDE", sample_dpmpp_2m_sde, "exponential", False, ("k_dpmpp_2m_sde",), _BROWNIAN),
+    ("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde, "exponential", False, ("k_dpmpp_2m_sde_heun",),
+     {**_BROWNIAN, "options": {"solver_type": "heun"}}),
+    ("DPM++ 2S a", sample_dpmpp_2s_ancestral, "karras", False, ("k_dpmpp_2s_a",), {**_ENSD, **_TWO}),
+    ("DPM++ 3M SDE", sample_dpmpp_3m_sde, "exponential", True, ("k_dpmpp_3m_sde",), _BROWNIAN),
+    ("Euler a", sample_euler_ancestral, "uniform", False, ("k_euler_a", "k_euler_ancestral"), _ENSD),
+    ("Euler", sample_euler, "uniform", False, ("k_euler",), {}),
+    ("LMS", sample_lms, "uniform", False, ("k_lms",), {}),
+    ("Heun", sample_heun, "uniform", False, ("k_heun",), _TWO),
+    ("DPM2", sample_dpm_2, "karras", True, ("k_dpm_2",), _TWO),
+    ("DPM2 a", sample_dpm_2_ancestral, "karras", True, ("k_dpm_2_a",), {**_ENSD, **_TWO}),
+    ("DDIM", sample_ddim, "ddim_uniform", False, ("ddim",), {}),
+    ("UniPC", sample_unipc, "uniform", True, ("unipc", "uni_pc"), {}),
+    ("LCM", sample_lcm, "uniform", False, ("k_lcm", "lcm"), {**_ENSD, "model_sampling": "lcm"}),
 ]
+# fmt: on
 
 DEFAULT_REGISTRY = SamplerRegistry.with_builtins()
 # A1111 display name -> sampler function (the live table of DEFAULT_REGISTRY).

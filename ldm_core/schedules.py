@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ldm_core.config import Family, Prediction
+from ldm_core.config import Family, ModelSpec, Prediction
 
 NUM_TIMESTEPS = 1000
 LINEAR_START = 0.00085
@@ -124,7 +124,7 @@ class ModelSampling:
         return cls(sigmas=sigmas, prediction=Prediction(prediction), quantize=quantize)
 
     @classmethod
-    def from_spec(cls, spec, *, quantize: bool = False) -> ModelSampling:
+    def from_spec(cls, spec: ModelSpec, *, quantize: bool = False) -> ModelSampling:
         """Model sampling for a detected checkpoint (`config.ModelSpec`)."""
         return cls.discrete(
             spec.prediction, zero_terminal_snr=spec.zero_terminal_snr, quantize=quantize

@@ -24,47 +24,13 @@ from ldm_core.config import (
     Prediction,
     TextEncoderConfig,
     UNetConfig,
-    VAEConfig,
 )
-from ldm_core.loader import load_vae_file, save_components
+from ldm_core.loader import load_vae_file
 from ldm_core.nn.autoencoder import AutoencoderKL
 from ldm_core.nn.text_encoders import TextEncoder
 from ldm_core.nn.unet import UNetModel
 from ldm_core.weights import CheckpointError
-
-TINY_UNET = UNetConfig(
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    transformer_depth=(1, 0),
-    transformer_depth_middle=1,
-    context_dim=64,
-)
-TINY_UNET_SD2 = replace(
-    TINY_UNET, model_channels=64, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True
-)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-TINY_CLIP = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=1)
-TINY_OPEN_CLIP = replace(
-    OPEN_CLIP_H, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=1, projection_dim=64
-)
-
-
-def _random_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
-    with torch.device("meta"):
-        enc = TextEncoder(cfg)
-    sd = {}
-    for k, v in enc.to_original_state_dict().items():
-        sd[k] = torch.randn(v.shape) * (0.02 if "embedding" in k else 0.2)
-    return TextEncoder.from_state_dict(cfg, sd, device="cpu", dtype=torch.float32, source="test")
-
-
-def _write_tiny(path: Path, unet_cfg=TINY_UNET, text_cfg=TINY_CLIP, dtype=None, **kw) -> tuple:
-    unet = UNetModel(unet_cfg).eval()
-    vae = AutoencoderKL(TINY_VAE).eval()
-    enc = _random_text_encoder(text_cfg).eval()
-    save_components(path, unet=unet, vae=vae, text_encoder=enc, dtype=dtype, **kw)
-    return unet, vae, enc
+from tests.tiny import TINY_CLIP, TINY_OPEN_CLIP, TINY_UNET, TINY_UNET_SD2, TINY_VAE, write_tiny
 
 
 def _outputs(unet, vae, enc, context_dim: int) -> list[torch.Tensor]:
@@ -91,7 +57,7 @@ def test_save_load_round_trip_identical_outputs(tmp_path, unet_cfg, text_cfg, fa
         text_cfg = replace(text_cfg, hidden_size=64)
         unet_cfg = replace(unet_cfg, context_dim=64)
     path = tmp_path / "tiny.safetensors"
-    unet, vae, enc = _write_tiny(path, unet_cfg, text_cfg)
+    unet, vae, enc = write_tiny(path, unet_cfg, text_cfg)
     ckpt = ldm_core.load_checkpoint(path, device="cpu")
     assert ckpt.family is family
     assert ckpt.config.unet == unet_cfg
@@ -156,7 +122,7 @@ def test_detect_shrunken_config_and_prediction_markers():
 
 def test_fp16_file_is_cast_to_compute_dtype(tmp_path):
     path = tmp_path / "half.safetensors"
-    unet, vae, enc = _write_tiny(path, dtype=torch.float16)
+    unet, vae, enc = write_tiny(path, dtype=torch.float16)
     with weights.WeightFile(path) as wf:
         assert wf.dtype(detect.UNET_PREFIX + "out.2.weight") == torch.float16
     ckpt = ldm_core.load_checkpoint(path, device="cpu")
@@ -170,7 +136,7 @@ def test_fp16_file_is_cast_to_compute_dtype(tmp_path):
 
 def test_separate_vae_replaces_checkpoint_vae(tmp_path):
     path = tmp_path / "model.safetensors"
-    _write_tiny(path)
+    write_tiny(path)
     other = AutoencoderKL(TINY_VAE).eval()
     vae_path = tmp_path / "other.vae.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(vae_path))
@@ -189,7 +155,7 @@ def test_separate_vae_replaces_checkpoint_vae(tmp_path):
 
 def test_ema_and_schedule_keys_are_ignored(tmp_path):
     path = tmp_path / "ema.safetensors"
-    _write_tiny(path)
+    write_tiny(path)
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
@@ -208,7 +174,7 @@ def test_ema_and_schedule_keys_are_ignored(tmp_path):
 
 def test_truncated_file(tmp_path):
     path = tmp_path / "t.safetensors"
-    _write_tiny(path)
+    write_tiny(path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated") as e:
@@ -259,7 +225,7 @@ def test_vae_offered_as_checkpoint(tmp_path):
 
 def test_missing_and_misshaped_keys_are_listed(tmp_path):
     path = tmp_path / "m.safetensors"
-    _write_tiny(path)
+    write_tiny(path)
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
@@ -270,7 +236,7 @@ def test_missing_and_misshaped_keys_are_listed(tmp_path):
     assert "UNet" in str(e.value) and str(path) in str(e.value)
 
     path2 = tmp_path / "s.safetensors"
-    _write_tiny(path2)
+    write_tiny(path2)
     sd = load_file(str(path2))
     key = detect.UNET_PREFIX + "input_blocks.1.0.emb_layers.1.bias"
     sd[key] = torch.zeros(sd[key].shape[0] + 1)
@@ -305,7 +271,7 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
 
 def test_legacy_ckpt_with_plain_tensors_loads(tmp_path):
     st = tmp_path / "m.safetensors"
-    unet, vae, enc = _write_tiny(st)
+    unet, vae, enc = write_tiny(st)
     from safetensors.torch import load_file
 
     ck = tmp_path / "m.ckpt"
@@ -318,7 +284,7 @@ def test_legacy_ckpt_with_plain_tensors_loads(tmp_path):
 
 def test_sha256_and_model_hash_cached(tmp_path, monkeypatch):
     path = tmp_path / "h.safetensors"
-    _write_tiny(path)
+    write_tiny(path)
     want = hashlib.sha256(path.read_bytes()).hexdigest()
     cache = weights.HashCache(tmp_path / "cache.json")
     ckpt = ldm_core.load_checkpoint(path, device="cpu", hash_cache=cache)
@@ -331,7 +297,7 @@ def test_sha256_and_model_hash_cached(tmp_path, monkeypatch):
 
 def test_text_encoder_width_mismatch_is_reported(tmp_path):
     path = tmp_path / "mismatch.safetensors"
-    _write_tiny(path, text_cfg=replace(TINY_CLIP, hidden_size=128, num_heads=2))
+    write_tiny(path, text_cfg=replace(TINY_CLIP, hidden_size=128, num_heads=2))
     with pytest.raises(CheckpointError, match="64-wide text features but the text encoder is 128 wide"):
         ldm_core.load_checkpoint(path, device="cpu")
 

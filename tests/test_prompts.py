@@ -394,6 +394,10 @@ def test_parse_prompt_puts_it_together():
     assert parsed.texts_at(15) == [("a dog", 1.0), (" (sunset:1.2)", 0.4)]
 
 
+def test_parsed_prompt_is_hashable():
+    assert hash(parse_prompt("a <lora:x:1:unet=0.5>", steps=5)) is not None
+
+
 def test_parse_prompt_empty():
     parsed = parse_prompt("", steps=20)
     assert parsed.extra_networks == ()

@@ -195,7 +195,9 @@ def test_zero_terminal_snr_matches_diffusers_rescale():
     ours_alphas = 1 / (1 + ms.sigmas**2)
     assert rel_err(ours_alphas[:-1], ref_alphas[:-1]) < 1e-9
     assert float(ours_alphas[-1]) == pytest.approx(4.8973451890853435e-08)
-    assert ms.sigma_max == pytest.approx(math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08))
+    assert ms.sigma_max == pytest.approx(
+        math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08)
+    )
     assert float(rescale_zero_terminal_snr_sigmas(MS.sigmas)[0]) == pytest.approx(MS.sigma_min)
 
 
@@ -237,4 +239,22 @@ def test_lcm_model_sampling_matches_diffusers_boundary_condition():
         assert torch.allclose(lcm.calculate_denoised(sigma, eps, x), expected, atol=1e-12)
     # A1111's LCM "Uniform": timesteps 999 ... 19
     s = get_sigmas("uniform", 4, lcm, dtype=torch.float64)
-    assert [float(s[0]), float(s[3]), float(s[4])] == pytest.approx([MS.sigma_max, float(MS.sigmas[19]), 0])
+    assert [float(s[0]), float(s[3]), float(s[4])] == pytest.approx(
+        [MS.sigma_max, float(MS.sigmas[19]), 0]
+    )
+
+
+def test_model_sampling_from_spec():
+    from ldm_core.config import OPEN_CLIP_H, SD2_UNET, SD_VAE, ModelSpec
+
+    spec = ModelSpec(
+        family=Family.SD2,
+        unet=SD2_UNET,
+        vae=SD_VAE,
+        text_encoders=(OPEN_CLIP_H,),
+        prediction=Prediction.V,
+        zero_terminal_snr=True,
+    )
+    ms = ModelSampling.from_spec(spec)
+    assert ms.prediction == Prediction.V and ms.sigma_max > 4000 and not ms.quantize
+    assert ModelSampling.from_spec(spec, quantize=True).quantize

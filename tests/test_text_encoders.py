@@ -381,3 +381,21 @@ def test_projection_follows_config():
     with pytest.raises(ValueError, match="1 missing: .*text_projection"):
         TextEncoder.from_state_dict(TINY_OPEN_CLIP, sd)
     assert TINY_OPEN_CLIP.kind is TextEncoderKind.OPEN_CLIP
+
+
+@pytest.mark.parametrize(
+    ("cfg", "make_sd"), [(TINY_HF, random_hf_sd), (TINY_OPEN_CLIP, random_open_clip_sd)]
+)
+def test_forward_embeds_equals_forward(cfg, make_sd):
+    model = TextEncoder.from_state_dict(cfg, make_sd(cfg))
+    ids = token_ids(cfg.pad_token_id)
+    with torch.no_grad():
+        embeds = model.token_embeddings(ids)
+        assert embeds.shape == (2, 77, cfg.hidden_size)
+        for clip_skip in (1, 2):
+            assert torch.equal(model.forward_embeds(embeds, clip_skip), model(ids, clip_skip))
+        changed = embeds.clone()
+        changed[0, 3] += 1.0  # a replaced row (textual inversion) changes that row onwards only
+        out, ref = model.forward_embeds(changed), model(ids)
+        assert torch.equal(out[0, :3], ref[0, :3]) and not torch.equal(out[0, 3:], ref[0, 3:])
+        assert torch.equal(out[1], ref[1])

@@ -306,11 +306,25 @@ class TextEncoder(nn.Module):
             )
         return count
 
-    def _run(self, input_ids: Tensor, num_layers: int, keep: int | None = None):
-        """Embeddings + the first `num_layers` layers; also returns the output after `keep`."""
+    def _run(
+        self,
+        input_ids: Tensor | None,
+        num_layers: int,
+        keep: int | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+    ):
+        """Embeddings + the first `num_layers` layers; also returns the output after `keep`.
+
+        Token embeddings come from `input_ids`, or are given directly as `inputs_embeds`
+        [B, T, D]; position embeddings are added either way.
+        """
         core = self._core
-        x = core.embeddings(input_ids=input_ids)  # [B, T, D]
-        length = input_ids.shape[1]
+        if inputs_embeds is None:
+            x = core.embeddings(input_ids=input_ids)  # [B, T, D]
+        else:
+            x = core.embeddings(inputs_embeds=inputs_embeds)
+        length = x.shape[1]
         mask = torch.full(
             (length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device
         )
@@ -327,6 +341,21 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
         """input_ids [B, T] -> context [B, T, D] (layer chosen by config and clip skip)."""
         x, _ = self._run(input_ids, self._layers_for(clip_skip))
+        if self.config.final_norm:
+            x = self._core.final_layer_norm(x)
+        return x
+
+    def token_embeddings(self, input_ids: Tensor) -> Tensor:
+        """input_ids [B, T] -> token embeddings [B, T, D] (no position embeddings)."""
+        return self._core.embeddings.token_embedding(input_ids)
+
+    def forward_embeds(self, inputs_embeds: Tensor, clip_skip: int = 1) -> Tensor:
+        """Like `forward`, from token embeddings [B, T, D] instead of ids.
+
+        Textual-inversion vectors are inserted this way: `token_embeddings(ids)` with some rows
+        replaced. `forward_embeds(token_embeddings(ids))` equals `forward(ids)`.
+        """
+        x, _ = self._run(None, self._layers_for(clip_skip), inputs_embeds=inputs_embeds)
         if self.config.final_norm:
             x = self._core.final_layer_norm(x)
         return x
