@@ -95,7 +95,9 @@ def pip(*args: str) -> None:
 def prepare_environment(*, tests: bool, reinstall: bool) -> None:
     """Install torch (TORCH_COMMAND) and the requirements, once per change of those files."""
     torch_command = os.environ.get("TORCH_COMMAND", DEFAULT_TORCH_COMMAND)
-    files = [ROOT / "requirements.txt"] + ([ROOT / "requirements-test.txt"] if tests else [])
+    files = [ROOT / "requirements.txt"]
+    if tests:
+        files += [ROOT / "requirements-test.txt", ROOT / "requirements-test-nodeps.txt"]
     fingerprint = install_fingerprint(files, torch_command)
     marker = Path(sys.prefix) / (MARKER + ("-test" if tests else ""))
     if not reinstall and marker.is_file() and marker.read_text().strip() == fingerprint:
@@ -118,7 +120,9 @@ def prepare_environment(*, tests: bool, reinstall: bool) -> None:
     ).strip()
     constraints = Path(sys.prefix) / "torch-constraint.txt"
     constraints.write_text(f"torch=={version}\n")
-    pip("install", "-c", str(constraints), "-r", str(files[-1]))
+    pip("install", "-c", str(constraints), "-r", str(files[1] if tests else files[0]))
+    if tests:
+        pip("install", "--no-deps", "-r", str(files[2]))
     marker.write_text(fingerprint + "\n")
 
 

@@ -462,8 +462,10 @@ def _seeds(p: GenerationParams) -> tuple[list[int], list[int]]:
     return rng.seeds_for_batch(seed, n, subseed_strength=p.subseed_strength), rng.subseeds_for_batch(subseed, n)
 
 
-def _record(checkpoint, p: GenerationParams, seed: int, subseed: int, extra: dict, used_embeddings: dict) -> dict:
+def _record(checkpoint, p: GenerationParams, seed: int, subseed: int, extra: dict, encoded) -> dict:
     sampler_name, schedule = samplers.resolve_sampler_name(p.sampler_name, p.scheduler)
+    if schedules.canonical_schedule_name(schedule) == "automatic":  # A1111 records what it resolved to
+        schedule = schedules.schedule_label(samplers.SAMPLER_INFO[sampler_name].default_schedule)
     rec: dict = {
         "Steps": p.steps,
         "Sampler": sampler_name,
@@ -489,8 +491,10 @@ def _record(checkpoint, p: GenerationParams, seed: int, subseed: int, extra: dic
         rec["CFG rescale phi"] = p.cfg_rescale
     if p.eta_noise_seed_delta:
         rec["ENSD"] = p.eta_noise_seed_delta
-    if used_embeddings:
-        rec["TI hashes"] = ", ".join(f"{k}: {v}" for k, v in used_embeddings.items())
+    if encoded.used_embeddings:
+        rec["TI hashes"] = ", ".join(f"{k}: {v}" for k, v in encoded.used_embeddings.items())
+    if getattr(encoded, "padded_conds", False):
+        rec["Pad conds"] = True
     rec["RNG"] = "CPU"
     rec["Version"] = VERSION
     return rec
@@ -536,7 +540,7 @@ def _run(
             interrupted = True
             break
         for img, s, ss in zip(batch_images, bs, bsub, strict=True):
-            rec = _record(ckpt, p, s, ss, extra, encoded.used_embeddings)
+            rec = _record(ckpt, p, s, ss, extra, encoded)
             text = infotext.build_infotext(p.prompt, p.negative_prompt, rec)
             img.info["parameters"] = text
             images.append(img)
