@@ -28,10 +28,14 @@ _T0 = time.perf_counter()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Local latent-diffusion image generator")
-    ap.add_argument("--listen", action="store_true", help="bind 0.0.0.0 so other machines can connect")
+    ap.add_argument(
+        "--listen", action="store_true", help="bind 0.0.0.0 so other machines can connect"
+    )
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="create a public Gradio link")
-    ap.add_argument("--auth", action="append", default=[], metavar="USER:PASS", help="login (repeatable)")
+    ap.add_argument(
+        "--auth", action="append", default=[], metavar="USER:PASS", help="login (repeatable)"
+    )
     ap.add_argument("--auth-file", type=Path, help="file with one user:pass per line")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
     ap.add_argument("--outputs-dir", type=Path, default=ROOT / "outputs")
@@ -46,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     ap.add_argument("--reinstall", action="store_true", help="re-run the dependency installation")
     ap.add_argument("--skip-install", action="store_true", help="never run pip")
-    ap.add_argument("--run-tests", action="store_true", help="install test dependencies and run pytest")
+    ap.add_argument(
+        "--run-tests", action="store_true", help="install test dependencies and run pytest"
+    )
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (with --run-tests)")
     args = ap.parse_args(argv)
     if args.pytest_args and not args.run_tests:

@@ -52,7 +52,14 @@ def run_ours(path: Path, steps: int, size: int) -> dict:
 
     ckpt = ldm_core.load_checkpoint(path, device="cpu", dtype=torch.float32)
     # The VAE is called through encode/decode, not forward: time its decoder and encoder.
-    timer = Timer({"unet": ckpt.unet, "vae_dec": ckpt.vae.decoder, "vae_post": ckpt.vae.post_quant_conv, "text": ckpt.text_encoders[0]})
+    timer = Timer(
+        {
+            "unet": ckpt.unet,
+            "vae_dec": ckpt.vae.decoder,
+            "vae_post": ckpt.vae.post_quant_conv,
+            "text": ckpt.text_encoders[0],
+        }
+    )
     params = pipeline.GenerationParams(
         prompt="a photo of a cat sitting on a wooden table, highly detailed",
         negative_prompt="blurry",
@@ -64,7 +71,9 @@ def run_ours(path: Path, steps: int, size: int) -> dict:
         sampler_name="DPM++ 2M",
         scheduler="Karras",
     )
-    pipeline.txt2img(ckpt, pipeline.GenerationParams(steps=1, width=64, height=64, seed=0))  # warm-up
+    pipeline.txt2img(
+        ckpt, pipeline.GenerationParams(steps=1, width=64, height=64, seed=0)
+    )  # warm-up
     timer.totals = dict.fromkeys(timer.totals, 0.0)
     t0 = time.perf_counter()
     result = pipeline.txt2img(ckpt, params)
@@ -75,7 +84,12 @@ def run_ours(path: Path, steps: int, size: int) -> dict:
 
 
 def run_diffusers(path: Path, steps: int, size: int) -> float:
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
@@ -91,13 +105,40 @@ def run_diffusers(path: Path, steps: int, size: int) -> float:
     ldm_cfg = {
         "model": {
             "params": {
-                "unet_config": {"params": {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-                                           "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
-                                           "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1,
-                                           "context_dim": 768, "use_checkpoint": False, "legacy": False}},
-                "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256,
-                                                                             "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4],
-                                                                             "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}},
+                "unet_config": {
+                    "params": {
+                        "image_size": 32,
+                        "in_channels": 4,
+                        "out_channels": 4,
+                        "model_channels": 320,
+                        "attention_resolutions": [4, 2, 1],
+                        "num_res_blocks": 2,
+                        "channel_mult": [1, 2, 4, 4],
+                        "num_heads": 8,
+                        "use_spatial_transformer": True,
+                        "transformer_depth": 1,
+                        "context_dim": 768,
+                        "use_checkpoint": False,
+                        "legacy": False,
+                    }
+                },
+                "first_stage_config": {
+                    "params": {
+                        "embed_dim": 4,
+                        "ddconfig": {
+                            "double_z": True,
+                            "z_channels": 4,
+                            "resolution": 256,
+                            "in_channels": 3,
+                            "out_ch": 3,
+                            "ch": 128,
+                            "ch_mult": [1, 2, 4, 4],
+                            "num_res_blocks": 2,
+                            "attn_resolutions": [],
+                            "dropout": 0.0,
+                        },
+                    }
+                },
                 "scale_factor": 0.18215,
             }
         }
@@ -109,20 +150,43 @@ def run_diffusers(path: Path, steps: int, size: int) -> float:
     vae = AutoencoderKL(**vae_cfg)
     vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vae_cfg))
     te = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", projection_dim=768))
-    te_sd = {k[len("cond_stage_model.transformer."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.transformer.")}
+    te_sd = {
+        k[len("cond_stage_model.transformer.") :]: v
+        for k, v in sd.items()
+        if k.startswith("cond_stage_model.transformer.")
+    }
     te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
     te_sd = {k: v for k, v in te_sd.items() if "position_ids" not in k}
     if hasattr(te, "text_model"):
         te.text_model.load_state_dict(te_sd, strict=False)
     else:
         te.load_state_dict(te_sd, strict=False)
-    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=get_tokenizer(), unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sched = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=get_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"prompt": "a photo of a cat sitting on a wooden table, highly detailed", "negative_prompt": "blurry",
-              "guidance_scale": 7.0, "height": size, "width": size}
-    pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), **{**kwargs, "height": 64, "width": 64})
+    kwargs = {
+        "prompt": "a photo of a cat sitting on a wooden table, highly detailed",
+        "negative_prompt": "blurry",
+        "guidance_scale": 7.0,
+        "height": size,
+        "width": size,
+    }
+    pipe(
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+        **{**kwargs, "height": 64, "width": 64},
+    )
     t0 = time.perf_counter()
     pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(1), **kwargs)
     return time.perf_counter() - t0
@@ -140,12 +204,16 @@ def main() -> None:
 
         write_file(args.file)
     ours = run_ours(args.file, args.steps, args.size)
-    print(f"ours: {args.steps}-step txt2img {args.size}x{args.size}: {ours['total']:.1f}s total; "
-          f"UNet {ours['unet']:.1f}s, VAE {ours['vae_dec'] + ours['vae_post']:.2f}s, text encoder {ours['text']:.2f}s; "
-          f"everything else {ours['overhead']:.2f}s = {100 * ours['overhead'] / ours['total']:.2f}% of the total")
+    print(
+        f"ours: {args.steps}-step txt2img {args.size}x{args.size}: {ours['total']:.1f}s total; "
+        f"UNet {ours['unet']:.1f}s, VAE {ours['vae_dec'] + ours['vae_post']:.2f}s, text encoder {ours['text']:.2f}s; "
+        f"everything else {ours['overhead']:.2f}s = {100 * ours['overhead'] / ours['total']:.2f}% of the total"
+    )
     if not args.no_diffusers:
         ref = run_diffusers(args.file, args.steps, args.size)
-        print(f"diffusers StableDiffusionPipeline, same weights and settings: {ref:.1f}s; ours/diffusers = {ours['total'] / ref:.2f}")
+        print(
+            f"diffusers StableDiffusionPipeline, same weights and settings: {ref:.1f}s; ours/diffusers = {ours['total'] / ref:.2f}"
+        )
 
 
 if __name__ == "__main__":

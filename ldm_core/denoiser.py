@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldm_core.patcher import CFGArgs, ModelHandle, PostCFGArgs, PostCFGFunction, PreCFGArgs, UNetCall
+from ldm_core.patcher import (
+    CFGArgs,
+    ModelHandle,
+    PostCFGArgs,
+    PostCFGFunction,
+    PreCFGArgs,
+    UNetCall,
+)
 
 Tensor = torch.Tensor
 
@@ -91,7 +98,9 @@ class GuidedDenoiser:
         sigma = sigma.reshape(-1).to(x.device, torch.float32).expand(x.shape[0])  # [B]
         patches = self.handle.patches
         step = step_index(float(sigma[0]), self.sigmas)
-        args = PreCFGArgs(x, sigma, self.cond, self.uncond, self.guidance_scale, step, self.total_steps)
+        args = PreCFGArgs(
+            x, sigma, self.cond, self.uncond, self.guidance_scale, step, self.total_steps
+        )
         for fn in patches.conditioning_modifiers:
             args = fn(args)
         for fn in patches.pre_cfg:
@@ -101,7 +110,9 @@ class GuidedDenoiser:
         needs_uncond = args.uncond is not None and (
             args.guidance_scale != 1.0 or (not default_cfg and patches.cfg_function_needs_uncond)
         )
-        cond_parts, uncond_d = self._evaluate(x, sigma, args.cond, args.uncond if needs_uncond else None, step)
+        cond_parts, uncond_d = self._evaluate(
+            x, sigma, args.cond, args.uncond if needs_uncond else None, step
+        )
         cond_d = _compose(cond_parts, uncond_d)
         cfg_args = CFGArgs(cond_d, uncond_d, args.guidance_scale, x, sigma, step, self.total_steps)
         cfg = patches.cfg_function or classifier_free_guidance
@@ -111,11 +122,18 @@ class GuidedDenoiser:
         return denoised
 
     def _evaluate(
-        self, x: Tensor, sigma: Tensor, cond: list[Conditioning], uncond: list[Conditioning] | None, step: int
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        cond: list[Conditioning],
+        uncond: list[Conditioning] | None,
+        step: int,
     ) -> tuple[list[list[tuple[float, Tensor]]], Tensor | None]:
         """Denoised estimates: per batch row, (weight, D) for each AND part; and the uncond D."""
         b = x.shape[0]
-        rows: list[tuple[int, int, float, Tensor, int]] = []  # (row, part, weight, context, 0=cond/1=uncond)
+        rows: list[
+            tuple[int, int, float, Tensor, int]
+        ] = []  # (row, part, weight, context, 0=cond/1=uncond)
         for i in range(b):
             for j, part in enumerate(cond[i].parts):
                 rows.append((i, j, part.weight, part.at(step), 0))
@@ -136,7 +154,9 @@ class GuidedDenoiser:
                 x_in = torch.cat([x_in, self.concat[sel].to(x_in)], dim=1)
             y = None
             if self.y is not None:
-                y = torch.stack([(self.y_uncond if rows[n][4] else self.y)[rows[n][0]] for n in idxs])
+                y = torch.stack(
+                    [(self.y_uncond if rows[n][4] else self.y)[rows[n][0]] for n in idxs]
+                )
             call = UNetCall(
                 x=x_in.to(self.dtype),
                 timesteps=ms.sigma_to_t(ss).to(self.device),
@@ -147,7 +167,12 @@ class GuidedDenoiser:
                 sigma=ss,
             )
             call.hooks = self.handle.patches.unet_hooks(
-                {"cond_or_uncond": call.cond_or_uncond, "sigmas": ss, "step": step, "total_steps": self.total_steps}
+                {
+                    "cond_or_uncond": call.cond_or_uncond,
+                    "sigmas": ss,
+                    "step": step,
+                    "total_steps": self.total_steps,
+                }
             )
             out = self._run_unet(call).to(torch.float32)
             denoised = ms.calculate_denoised(ss, out, xs)

@@ -44,7 +44,13 @@ def describe_foreign_file(shapes: Shapes) -> str | None:
     """If the keys belong to something other than a full checkpoint, say what it is."""
     keys = list(shapes)
     if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys) or any(
-        (".lora_down." in k or ".lora_up." in k or ".lora_A." in k or ".hada_w1_a" in k or ".lokr_w1" in k)
+        (
+            ".lora_down." in k
+            or ".lora_up." in k
+            or ".lora_A." in k
+            or ".hada_w1_a" in k
+            or ".lokr_w1" in k
+        )
         for k in keys
     ):
         return "this is a LoRA/LyCORIS file, not a checkpoint: put it in models/Lora"
@@ -94,7 +100,9 @@ def detect_unet_config(shapes: Shapes, prefix: str = UNET_PREFIX) -> UNetConfig:
             if depth_in_level is None:
                 depth_in_level = depth
             elif depth != depth_in_level:
-                raise ValueError(f"input block {n}: transformer depth {depth} differs within its level")
+                raise ValueError(
+                    f"input block {n}: transformer depth {depth} differs within its level"
+                )
             if depth and context_dim is None:
                 context_dim = shapes[f"{block}1.transformer_blocks.0.attn2.to_k.weight"][1]
                 linear = len(shapes[f"{block}1.proj_in.weight"]) == 2
@@ -138,14 +146,18 @@ def detect_unet_config(shapes: Shapes, prefix: str = UNET_PREFIX) -> UNetConfig:
     )
 
 
-def detect_vae_config(shapes: Shapes, prefix: str = VAE_PREFIX, scale_factor: float = SD_SCALE_FACTOR) -> VAEConfig:
+def detect_vae_config(
+    shapes: Shapes, prefix: str = VAE_PREFIX, scale_factor: float = SD_SCALE_FACTOR
+) -> VAEConfig:
     p = prefix
     conv_in = shapes.get(f"{p}encoder.conv_in.weight")
     if conv_in is None:
         raise ValueError(f"no VAE found (missing {p}encoder.conv_in.weight)")
     ch = conv_in[0]
     levels = _count(shapes, f"{p}encoder.down.{{N}}.block.0.conv1.weight")
-    ch_mult = tuple(shapes[f"{p}encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
+    ch_mult = tuple(
+        shapes[f"{p}encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)
+    )
     return VAEConfig(
         in_channels=conv_in[1],
         out_ch=shapes[f"{p}decoder.conv_out.weight"][0],
@@ -185,7 +197,9 @@ def detect_text_encoder_config(shapes: Shapes) -> TextEncoderConfig:
         )
     if any(k.startswith(CLIP_PREFIX) for k in shapes):
         p = CLIP_PREFIX
-        inner = f"{p}text_model." if f"{p}text_model.embeddings.token_embedding.weight" in shapes else p
+        inner = (
+            f"{p}text_model." if f"{p}text_model.embeddings.token_embedding.weight" in shapes else p
+        )
         vocab, width = shapes[f"{inner}embeddings.token_embedding.weight"]
         return TextEncoderConfig(
             kind=TextEncoderKind.CLIP_HF,
@@ -201,11 +215,16 @@ def detect_text_encoder_config(shapes: Shapes) -> TextEncoderConfig:
             final_norm=True,
             pad_token_id=49407,
         )
-    raise ValueError("no text encoder found (expected cond_stage_model.transformer.* or cond_stage_model.model.*)")
+    raise ValueError(
+        "no text encoder found (expected cond_stage_model.transformer.* or cond_stage_model.model.*)"
+    )
 
 
 def detect_prediction(
-    shapes: Shapes, family: Family, read: Callable[[str], torch.Tensor] | None, metadata: Mapping[str, str]
+    shapes: Shapes,
+    family: Family,
+    read: Callable[[str], torch.Tensor] | None,
+    metadata: Mapping[str, str],
 ) -> tuple[Prediction, bool]:
     """(parameterisation, zero-terminal-SNR) from explicit markers, else the SD2 heuristic."""
     meta = {k.lower(): str(v).lower() for k, v in metadata.items()}
@@ -235,14 +254,22 @@ def detect_model(
     metadata = metadata or {}
     if f"{UNET_PREFIX}input_blocks.0.0.weight" not in shapes:
         foreign = describe_foreign_file(shapes)
-        raise CheckpointError(source, foreign or "not a Stable Diffusion checkpoint (no UNet weights under model.diffusion_model.)")
+        raise CheckpointError(
+            source,
+            foreign
+            or "not a Stable Diffusion checkpoint (no UNet weights under model.diffusion_model.)",
+        )
     if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise CheckpointError(source, "SDXL checkpoints are recognised but not supported by this version yet")
+        raise CheckpointError(
+            source, "SDXL checkpoints are recognised but not supported by this version yet"
+        )
     try:
         unet = detect_unet_config(shapes)
         text = detect_text_encoder_config(shapes)
         scale = SD_SCALE_FACTOR
-        if "scale_factor" in shapes and read is not None:  # LatentDiffusion(scale_by_std=True) buffer
+        if (
+            "scale_factor" in shapes and read is not None
+        ):  # LatentDiffusion(scale_by_std=True) buffer
             scale = float(read("scale_factor").float().reshape(-1)[0])
         vae = detect_vae_config(shapes, scale_factor=scale)
     except (KeyError, ValueError, IndexError) as exc:
@@ -258,7 +285,9 @@ def detect_model(
     return ModelSpec(family, unet, vae, (text,), prediction, ztsnr)
 
 
-def detect_standalone_vae(shapes: Shapes, source: str | os.PathLike, scale_factor: float = SD_SCALE_FACTOR) -> tuple[VAEConfig, str]:
+def detect_standalone_vae(
+    shapes: Shapes, source: str | os.PathLike, scale_factor: float = SD_SCALE_FACTOR
+) -> tuple[VAEConfig, str]:
     """Config and key prefix of a separate VAE file: bare original keys, `first_stage_model.`
     keys, or the diffusers layout (renamed by `normalize_vae_state_dict` before loading)."""
     from ldm_core.nn.autoencoder import normalize_vae_state_dict
@@ -266,13 +295,26 @@ def detect_standalone_vae(shapes: Shapes, source: str | os.PathLike, scale_facto
     for prefix in ("", VAE_PREFIX, "vae."):
         if f"{prefix}encoder.conv_in.weight" not in shapes:
             continue
-        sub = {k[len(prefix) :]: torch.empty(s, device="meta") for k, s in shapes.items() if k.startswith(prefix)}
+        sub = {
+            k[len(prefix) :]: torch.empty(s, device="meta")
+            for k, s in shapes.items()
+            if k.startswith(prefix)
+        }
         renamed = {k: tuple(v.shape) for k, v in normalize_vae_state_dict(sub).items()}
         try:
             return detect_vae_config(renamed, "", scale_factor), prefix
         except (KeyError, ValueError) as exc:
             raise CheckpointError(source, f"unrecognised VAE layout: {exc}") from None
-    foreign = describe_foreign_file(shapes) if f"{UNET_PREFIX}input_blocks.0.0.weight" not in shapes else None
+    foreign = (
+        describe_foreign_file(shapes)
+        if f"{UNET_PREFIX}input_blocks.0.0.weight" not in shapes
+        else None
+    )
     if f"{UNET_PREFIX}input_blocks.0.0.weight" in shapes:
         foreign = "this is a full checkpoint, not a VAE: put it in models/Stable-diffusion"
-    raise CheckpointError(source, foreign if foreign and "VAE" not in foreign else "not a VAE file (no encoder/decoder weights found)")
+    raise CheckpointError(
+        source,
+        foreign
+        if foreign and "VAE" not in foreign
+        else "not a VAE file (no encoder/decoder weights found)",
+    )

@@ -26,8 +26,14 @@ def resolve(
     """Fill in whichever of device / dtype the caller left open."""
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
-        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        names = {
+            "fp32": torch.float32,
+            "float32": torch.float32,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+        }
         if dtype not in names:
             raise ValueError(f"unknown precision {dtype!r}; expected one of {sorted(names)}")
         dtype = names[dtype]

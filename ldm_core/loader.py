@@ -130,25 +130,27 @@ def load_checkpoint(
         if prediction is not None:
             spec = _replace(spec, prediction=Prediction(prediction))
         _check_coverage(wf.keys(), spec, path)
-        unet = _load_module(
-            UNetModel, spec.unet, wf, detect.UNET_PREFIX, dev, dt, path, "UNet"
-        )
+        unet = _load_module(UNetModel, spec.unet, wf, detect.UNET_PREFIX, dev, dt, path, "UNet")
         vae_module = None
         if vae is None:
             vae_module = _load_vae(spec.vae, wf, detect.VAE_PREFIX, dev, dt, path)
         text_encoders = []
         for cfg in spec.text_encoders:
             sd = wf.load(
-                [k for k in wf.keys() if k.startswith(cfg.prefix) and not IGNORED_KEY.match(k)],
+                [k for k in wf if k.startswith(cfg.prefix) and not IGNORED_KEY.match(k)],
                 strip_prefix=cfg.prefix,
                 dtype=dt,
             )
-            text_encoders.append(TextEncoder.from_state_dict(cfg, sd, device=dev, dtype=dt, source=str(path)))
+            text_encoders.append(
+                TextEncoder.from_state_dict(cfg, sd, device=dev, dtype=dt, source=str(path))
+            )
         metadata = dict(wf.metadata)
     vae_path = None
     if vae is not None:
         vae_path = Path(vae)
-        vae_module, vae_cfg = load_vae_file(vae_path, device=dev, dtype=dt, scale_factor=spec.vae.scale_factor)
+        vae_module, vae_cfg = load_vae_file(
+            vae_path, device=dev, dtype=dt, scale_factor=spec.vae.scale_factor
+        )
         spec = _replace(spec, vae=vae_cfg)
     ckpt = Checkpoint(
         path=path,
@@ -164,7 +166,13 @@ def load_checkpoint(
         hash_cache=hash_cache,
     )
     ckpt.load_seconds = time.perf_counter() - start
-    log.info("loaded %s (%s, %s) in %.2fs", path.name, spec.family.value, spec.prediction.value, ckpt.load_seconds)
+    log.info(
+        "loaded %s (%s, %s) in %.2fs",
+        path.name,
+        spec.family.value,
+        spec.prediction.value,
+        ckpt.load_seconds,
+    )
     return ckpt
 
 
@@ -184,9 +192,13 @@ def load_vae_file(
 
 
 def _load_vae(cfg: VAEConfig, wf: WeightFile, prefix: str, dev, dt, source) -> AutoencoderKL:
-    keys = [k for k in wf.keys() if k.startswith(prefix) and not IGNORED_KEY.match(k)]
+    keys = [k for k in wf if k.startswith(prefix) and not IGNORED_KEY.match(k)]
     if prefix == "":
-        keys = [k for k in keys if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))]
+        keys = [
+            k
+            for k in keys
+            if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+        ]
     sd = normalize_vae_state_dict(wf.load(keys, strip_prefix=prefix, dtype=dt, device=dev))
     with torch.device("meta"):
         module = AutoencoderKL(cfg)
@@ -194,7 +206,7 @@ def _load_vae(cfg: VAEConfig, wf: WeightFile, prefix: str, dev, dt, source) -> A
 
 
 def _load_module(cls, cfg, wf: WeightFile, prefix: str, dev, dt, source, what: str) -> nn.Module:
-    keys = [k for k in wf.keys() if k.startswith(prefix) and not IGNORED_KEY.match(k)]
+    keys = [k for k in wf if k.startswith(prefix) and not IGNORED_KEY.match(k)]
     sd = wf.load(keys, strip_prefix=prefix, dtype=dt, device=dev)
     with torch.device("meta"):
         module = cls(cfg)
@@ -205,7 +217,9 @@ def _check_coverage(keys: list[str], spec: ModelSpec, source: Path) -> None:
     prefixes = (detect.UNET_PREFIX, detect.VAE_PREFIX, *(c.prefix for c in spec.text_encoders))
     stray = [k for k in keys if not k.startswith(prefixes) and not IGNORED_KEY.match(k)]
     if stray:
-        log.warning("%s: ignoring %d key(s) outside the model, e.g. %s", source.name, len(stray), stray[:3])
+        log.warning(
+            "%s: ignoring %d key(s) outside the model, e.g. %s", source.name, len(stray), stray[:3]
+        )
 
 
 def _replace(spec: ModelSpec, **changes) -> ModelSpec:
@@ -215,7 +229,11 @@ def _replace(spec: ModelSpec, **changes) -> ModelSpec:
 
 
 def save_checkpoint(
-    checkpoint: Checkpoint, path: str | os.PathLike, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None
+    checkpoint: Checkpoint,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write `checkpoint` as an original-layout single-file `.safetensors` (atomically)."""
     tensors = checkpoint.state_dict()
@@ -241,14 +259,28 @@ def save_components(
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({detect.UNET_PREFIX + k: v for k, v in unet.state_dict().items()})
     tensors.update({detect.VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
-    tensors.update({text_encoder.config.prefix + k: v for k, v in text_encoder.to_original_state_dict().items()})
+    tensors.update(
+        {
+            text_encoder.config.prefix + k: v
+            for k, v in text_encoder.to_original_state_dict().items()
+        }
+    )
     if scale_factor != detect.SD_SCALE_FACTOR:
         tensors["scale_factor"] = torch.tensor(scale_factor)
     if prediction is Prediction.V:
         tensors["v_pred"] = torch.tensor([])
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() and v.dim() else v for k, v in tensors.items()}
+        tensors = {
+            k: v.to(dtype) if v.is_floating_point() and v.dim() else v for k, v in tensors.items()
+        }
     save_safetensors(tensors, path, metadata)
 
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "load_vae_file", "save_checkpoint", "save_components"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_vae_file",
+    "save_checkpoint",
+    "save_components",
+]

@@ -134,7 +134,9 @@ class Patches:
             if isinstance(value, list):
                 setattr(new, name, list(value))
             elif isinstance(value, dict):
-                setattr(new, name, {k: list(v) if isinstance(v, list) else v for k, v in value.items()})
+                setattr(
+                    new, name, {k: list(v) if isinstance(v, list) else v for k, v in value.items()}
+                )
         return new
 
     def unet_hooks(self, options: dict[str, Any] | None = None) -> UNetHooks:
@@ -196,13 +198,23 @@ class ModelHandle:
         (self.patches.attn1_patches if self_attention else self.patches.attn2_patches).append(fn)
 
     def set_attention_replace(
-        self, fn: AttentionReplace, block_kind: str, block_index: int, transformer_index: int = 0, *, self_attention: bool
+        self,
+        fn: AttentionReplace,
+        block_kind: str,
+        block_index: int,
+        transformer_index: int = 0,
+        *,
+        self_attention: bool,
     ) -> None:
         target = self.patches.attn1_replace if self_attention else self.patches.attn2_replace
         target[(block_kind, block_index, transformer_index)] = fn
 
     def add_attention_output_patch(self, fn: AttentionOutputPatch, *, self_attention: bool) -> None:
-        (self.patches.attn1_output_patches if self_attention else self.patches.attn2_output_patches).append(fn)
+        (
+            self.patches.attn1_output_patches
+            if self_attention
+            else self.patches.attn2_output_patches
+        ).append(fn)
 
     def add_input_block_patch(self, fn: BlockPatch) -> None:
         self.patches.input_block_patches.append(fn)

@@ -42,11 +42,20 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-PIXEL_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST, "Bicubic": Image.Resampling.BICUBIC}
+PIXEL_UPSCALERS = {
+    "Lanczos": Image.Resampling.LANCZOS,
+    "Nearest": Image.Resampling.NEAREST,
+    "Bicubic": Image.Resampling.BICUBIC,
+}
 
 # Linear latent -> RGB factors for the SD1/SD2 VAE latent space (ldm-formats.md §7.2).
 SD_LATENT_RGB = torch.tensor(
-    [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+    [
+        [0.3512, 0.2297, 0.3227],
+        [0.3250, 0.4974, 0.2350],
+        [-0.2829, 0.1762, 0.2721],
+        [-0.2120, -0.2616, -0.7177],
+    ]
 )
 
 
@@ -173,7 +182,9 @@ OnStep = Callable[[ProgressEvent], None]
 # -- validation --------------------------------------------------------------------------------
 
 
-def validate(params: GenerationParams, *, needs_image: bool = False, needs_mask: bool = False) -> GenerationParams:
+def validate(
+    params: GenerationParams, *, needs_image: bool = False, needs_mask: bool = False
+) -> GenerationParams:
     """Check ranges and return params with sizes snapped to multiples of 8."""
     p = replace(params)
 
@@ -211,8 +222,12 @@ def validate(params: GenerationParams, *, needs_image: bool = False, needs_mask:
         samplers.resolve_sampler_name(p.sampler_name, p.scheduler)
     except (KeyError, ValueError) as exc:
         bad(f"unknown sampler or schedule: {exc}")
-    if p.enable_hr and (p.hr_upscaler not in LATENT_UPSCALERS and p.hr_upscaler not in PIXEL_UPSCALERS):
-        bad(f"unknown hires upscaler {p.hr_upscaler!r}; choose from {[*LATENT_UPSCALERS, *PIXEL_UPSCALERS]}")
+    if p.enable_hr and (
+        p.hr_upscaler not in LATENT_UPSCALERS and p.hr_upscaler not in PIXEL_UPSCALERS
+    ):
+        bad(
+            f"unknown hires upscaler {p.hr_upscaler!r}; choose from {[*LATENT_UPSCALERS, *PIXEL_UPSCALERS]}"
+        )
     if needs_image and p.init_image is None:
         bad("an input image is required")
     if needs_mask and p.mask is None:
@@ -232,7 +247,14 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> RGB PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        ((images.float().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [Image.fromarray(a) for a in arr]
 
 
@@ -282,13 +304,20 @@ def outpaint_pad(
     return Image.fromarray(padded), Image.fromarray(mask, "L")
 
 
-def _mask_bbox(mask: np.ndarray, pad: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+def _mask_bbox(
+    mask: np.ndarray, pad: int, width: int, height: int
+) -> tuple[int, int, int, int] | None:
     """Padded box around the mask, grown to the target aspect ratio (A1111's "only masked")."""
     ys, xs = np.nonzero(mask > 0)
     if len(xs) == 0:
         return None
     h, w = mask.shape
-    x1, y1, x2, y2 = max(xs.min() - pad, 0), max(ys.min() - pad, 0), min(xs.max() + 1 + pad, w), min(ys.max() + 1 + pad, h)
+    x1, y1, x2, y2 = (
+        max(xs.min() - pad, 0),
+        max(ys.min() - pad, 0),
+        min(xs.max() + 1 + pad, w),
+        min(ys.max() + 1 + pad, h),
+    )
     ratio = width / height
     bw, bh = x2 - x1, y2 - y1
     if bw / bh < ratio:
@@ -320,8 +349,21 @@ def _fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     out = rgb * keep
     known = ~m[..., 0]
     for radius in (256, 64, 16, 4, 2, 1):
-        blurred_acc = np.asarray(Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8)).filter(ImageFilter.BoxBlur(radius)), dtype=np.float32)
-        blurred_w = np.asarray(Image.fromarray((weight[..., 0] * 255).astype(np.uint8)).filter(ImageFilter.BoxBlur(radius)), dtype=np.float32)[..., None] / 255
+        blurred_acc = np.asarray(
+            Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8)).filter(
+                ImageFilter.BoxBlur(radius)
+            ),
+            dtype=np.float32,
+        )
+        blurred_w = (
+            np.asarray(
+                Image.fromarray((weight[..., 0] * 255).astype(np.uint8)).filter(
+                    ImageFilter.BoxBlur(radius)
+                ),
+                dtype=np.float32,
+            )[..., None]
+            / 255
+        )
         est = blurred_acc / np.maximum(blurred_w, 1e-3)
         fill = (~known)[..., None] & (blurred_w > 1e-3)
         out = np.where(fill, est, out)
@@ -335,10 +377,15 @@ def _fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 def latent_preview(checkpoint, latents: torch.Tensor, method: str = "auto") -> Image.Image:
     """Preview of the first image of a batch of model-space latents (cheap or full decode)."""
     small_vae = sum(p.numel() for p in checkpoint.vae.parameters()) < 10_000_000
-    use_full = method == "full" or (method == "auto" and (small_vae or latents.shape[1] != 4 or checkpoint.scale_factor != 0.18215))
+    use_full = method == "full" or (
+        method == "auto"
+        and (small_vae or latents.shape[1] != 4 or checkpoint.scale_factor != 0.18215)
+    )
     if use_full:
         with torch.no_grad():
-            img = checkpoint.vae.decode((latents[:1] / checkpoint.scale_factor).to(checkpoint.vae.dtype))
+            img = checkpoint.vae.decode(
+                (latents[:1] / checkpoint.scale_factor).to(checkpoint.vae.dtype)
+            )
         return tensor_to_pil(img)[0]
     rgb = torch.einsum("chw,cr->rhw", latents[0].float().cpu(), SD_LATENT_RGB)
     return tensor_to_pil(rgb[None])[0]
@@ -405,7 +452,10 @@ def _sample(
             x = init_latent * (1 - latent_mask) + noise * latent_mask * sigmas[0]
     else:
         x = noise * sigmas[0]
-        if handle.checkpoint.prediction is Prediction.V and handle.checkpoint.spec.zero_terminal_snr:
+        if (
+            handle.checkpoint.prediction is Prediction.V
+            and handle.checkpoint.spec.zero_terminal_snr
+        ):
             x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     if p.cfg_rescale > 0:
         handle.add_post_cfg_function(cfg_rescale(p.cfg_rescale))
@@ -413,9 +463,19 @@ def _sample(
         keep = (1 - latent_mask).to(device)
         original = init_latent.to(device)
         handle.add_post_cfg_function(lambda a: _blend(a, original, keep))
-    denoiser = GuidedDenoiser(handle, cond, uncond if p.cfg_scale != 1.0 or handle.patches.cfg_function else None,
-                              p.cfg_scale, sigmas, concat=concat)
-    noise_sampler = noise_rng.brownian_noise_sampler(sigmas) if info.brownian_noise else noise_rng.noise_sampler()
+    denoiser = GuidedDenoiser(
+        handle,
+        cond,
+        uncond if p.cfg_scale != 1.0 or handle.patches.cfg_function else None,
+        p.cfg_scale,
+        sigmas,
+        concat=concat,
+    )
+    noise_sampler = (
+        noise_rng.brownian_noise_sampler(sigmas)
+        if info.brownian_noise
+        else noise_rng.noise_sampler()
+    )
     total = len(sigmas) - 1
 
     def callback(state: dict) -> None:
@@ -427,14 +487,29 @@ def _sample(
             if p.preview_every and ((i + 1) % p.preview_every == 0) and i + 1 < total:
                 preview = latent_preview(handle.checkpoint, state["denoised"], p.preview_method)
             job.on_step(
-                ProgressEvent(i + 1, total, job.batch_index, p.n_iter, float(state["sigma"]),
-                              time.perf_counter() - job.started, preview, job.phase)
+                ProgressEvent(
+                    i + 1,
+                    total,
+                    job.batch_index,
+                    p.n_iter,
+                    float(state["sigma"]),
+                    time.perf_counter() - job.started,
+                    preview,
+                    job.phase,
+                )
             )
         job.cancel.check()
 
     job.cancel.check()
     with torch.no_grad(), handle.weights_patched():
-        samples = info.function(denoiser, x, sigmas.to(device), extra_args={}, callback=callback, noise_sampler=noise_sampler)
+        samples = info.function(
+            denoiser,
+            x,
+            sigmas.to(device),
+            extra_args={},
+            callback=callback,
+            noise_sampler=noise_sampler,
+        )
     if latent_mask is not None and init_latent is not None:
         samples = init_latent * (1 - latent_mask) + samples * latent_mask
     return samples
@@ -446,7 +521,11 @@ def _blend(args: PostCFGArgs, original: torch.Tensor, keep: torch.Tensor) -> tor
 
 def _decode(checkpoint, latents: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return checkpoint.vae.decode((latents / checkpoint.scale_factor).to(checkpoint.vae.dtype)).float().cpu()
+        return (
+            checkpoint.vae.decode((latents / checkpoint.scale_factor).to(checkpoint.vae.dtype))
+            .float()
+            .cpu()
+        )
 
 
 def _encode(checkpoint, images: torch.Tensor) -> torch.Tensor:
@@ -459,12 +538,16 @@ def _seeds(p: GenerationParams) -> tuple[list[int], list[int]]:
     seed = rng.resolve_seed(p.seed)
     subseed = rng.resolve_seed(p.subseed)
     n = p.batch_size * p.n_iter
-    return rng.seeds_for_batch(seed, n, subseed_strength=p.subseed_strength), rng.subseeds_for_batch(subseed, n)
+    return rng.seeds_for_batch(
+        seed, n, subseed_strength=p.subseed_strength
+    ), rng.subseeds_for_batch(subseed, n)
 
 
 def _record(checkpoint, p: GenerationParams, seed: int, subseed: int, extra: dict, encoded) -> dict:
     sampler_name, schedule = samplers.resolve_sampler_name(p.sampler_name, p.scheduler)
-    if schedules.canonical_schedule_name(schedule) == "automatic":  # A1111 records what it resolved to
+    if (
+        schedules.canonical_schedule_name(schedule) == "automatic"
+    ):  # A1111 records what it resolved to
         schedule = schedules.schedule_label(samplers.SAMPLER_INFO[sampler_name].default_schedule)
     rec: dict = {
         "Steps": p.steps,
@@ -507,7 +590,9 @@ def _run(
     on_step: OnStep | None,
     cancel: CancelToken | None,
     embeddings,
-    batch_fn: Callable[[_Job, list[int], list[int], conditioning.EncodedPrompts], tuple[list[Image.Image], dict]],
+    batch_fn: Callable[
+        [_Job, list[int], list[int], conditioning.EncodedPrompts], tuple[list[Image.Image], dict]
+    ],
 ) -> GenerationResult:
     start = time.perf_counter()
     handle = _handle_for(model)
@@ -516,8 +601,12 @@ def _run(
     job = _Job(handle, p, on_step, cancel or CancelToken(), start)
     seeds, subseeds = _seeds(p)
     encoded = conditioning.encode_prompts(
-        ckpt, [p.prompt] * p.batch_size, [p.negative_prompt] * p.batch_size, p.steps,
-        clip_skip=p.clip_skip, embeddings=embeddings,
+        ckpt,
+        [p.prompt] * p.batch_size,
+        [p.negative_prompt] * p.batch_size,
+        p.steps,
+        clip_skip=p.clip_skip,
+        embeddings=embeddings,
     )
     images: list[Image.Image] = []
     infos: list[str] = []
@@ -548,14 +637,28 @@ def _run(
             records.append(rec)
             used_seeds.append(s)
             used_subseeds.append(ss)
-    return GenerationResult(images, used_seeds, used_subseeds, infos, p, records, interrupted, time.perf_counter() - start)
+    return GenerationResult(
+        images,
+        used_seeds,
+        used_subseeds,
+        infos,
+        p,
+        records,
+        interrupted,
+        time.perf_counter() - start,
+    )
 
 
 def _image_rng(p: GenerationParams, seeds, subseeds, shape, device) -> rng.ImageRNG:
     return rng.ImageRNG(
-        shape, seeds, subseeds=subseeds, subseed_strength=p.subseed_strength,
-        seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w,
-        eta_noise_seed_delta=p.eta_noise_seed_delta, device=device,
+        shape,
+        seeds,
+        subseeds=subseeds,
+        subseed_strength=p.subseed_strength,
+        seed_resize_from_h=p.seed_resize_from_h,
+        seed_resize_from_w=p.seed_resize_from_w,
+        eta_noise_seed_delta=p.eta_noise_seed_delta,
+        device=device,
     )
 
 
@@ -594,14 +697,23 @@ def txt2img(
         shape = (_latent_channels(ckpt), h, w)
         noise_rng = _image_rng(p, seeds, subseeds, shape, ckpt.device)
         job.phase = "sampling"
-        samples = _sample(job, cond=enc.cond, uncond=enc.uncond, noise_rng=noise_rng, latent_shape=(len(seeds), *shape),
-                          steps=p.steps, concat=_txt2img_concat(ckpt, len(seeds), h, w))
+        samples = _sample(
+            job,
+            cond=enc.cond,
+            uncond=enc.uncond,
+            noise_rng=noise_rng,
+            latent_shape=(len(seeds), *shape),
+            steps=p.steps,
+            concat=_txt2img_concat(ckpt, len(seeds), h, w),
+        )
         extra: dict = {}
         if p.enable_hr:
             samples, extra = _hires(job, samples, seeds, subseeds, enc)
         return tensor_to_pil(_decode(ckpt, samples)), extra
 
-    return _run(checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch)
+    return _run(
+        checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch
+    )
 
 
 def _hires(job: _Job, samples: torch.Tensor, seeds, subseeds, enc) -> tuple[torch.Tensor, dict]:
@@ -627,11 +739,22 @@ def _hires(job: _Job, samples: torch.Tensor, seeds, subseeds, enc) -> tuple[torc
         latents = _encode(ckpt, big)
     steps = p.hr_second_pass_steps or p.steps
     shape = (samples.shape[1], th // f, tw // f)
-    noise_rng = _image_rng(replace(p, seed_resize_from_h=0, seed_resize_from_w=0), seeds, subseeds, shape, ckpt.device)
+    noise_rng = _image_rng(
+        replace(p, seed_resize_from_h=0, seed_resize_from_w=0), seeds, subseeds, shape, ckpt.device
+    )
     job.phase = "hires"
     concat = _txt2img_concat(ckpt, len(seeds), th // f, tw // f)
-    out = _sample(job, cond=enc.cond, uncond=enc.uncond, noise_rng=noise_rng, latent_shape=(len(seeds), *shape),
-                  steps=steps, init_latent=latents, denoising_strength=p.hr_denoising_strength, concat=concat)
+    out = _sample(
+        job,
+        cond=enc.cond,
+        uncond=enc.uncond,
+        noise_rng=noise_rng,
+        latent_shape=(len(seeds), *shape),
+        steps=steps,
+        init_latent=latents,
+        denoising_strength=p.hr_denoising_strength,
+        concat=concat,
+    )
     extra = {
         "Denoising strength": p.hr_denoising_strength,
         "Hires upscale": p.hr_scale if not (p.hr_resize_x or p.hr_resize_y) else None,
@@ -660,10 +783,19 @@ def img2img(
         f = ckpt.spec.vae.downscale
         if p.resize_mode == 3:  # latent upscale: encode at the source size, resize latents
             src = p.init_image.convert("RGB")
-            src = src.resize((max(8, src.width // 8 * 8), max(8, src.height // 8 * 8)), Image.Resampling.LANCZOS)
-            latent = F.interpolate(_encode(ckpt, pil_to_tensor(src)), size=(p.height // f, p.width // f), mode="bilinear", antialias=True)
+            src = src.resize(
+                (max(8, src.width // 8 * 8), max(8, src.height // 8 * 8)), Image.Resampling.LANCZOS
+            )
+            latent = F.interpolate(
+                _encode(ckpt, pil_to_tensor(src)),
+                size=(p.height // f, p.width // f),
+                mode="bilinear",
+                antialias=True,
+            )
         else:
-            latent = _encode(ckpt, pil_to_tensor(resize_image(p.resize_mode, p.init_image, p.width, p.height)))
+            latent = _encode(
+                ckpt, pil_to_tensor(resize_image(p.resize_mode, p.init_image, p.width, p.height))
+            )
         init = latent.expand(len(seeds), -1, -1, -1).contiguous()
         extra = {"Denoising strength": p.denoising_strength}
         if p.denoising_strength == 0:  # nothing to denoise: the VAE round trip of the input
@@ -673,11 +805,22 @@ def img2img(
         concat = None
         if ckpt.spec.unet.in_channels != 4:  # inpainting model used for img2img: nothing masked
             concat = torch.cat([torch.zeros_like(init[:, :1]), init], dim=1)
-        samples = _sample(job, cond=enc.cond, uncond=enc.uncond, noise_rng=noise_rng, latent_shape=tuple(init.shape),
-                          steps=p.steps, init_latent=init, denoising_strength=p.denoising_strength, concat=concat)
+        samples = _sample(
+            job,
+            cond=enc.cond,
+            uncond=enc.uncond,
+            noise_rng=noise_rng,
+            latent_shape=tuple(init.shape),
+            steps=p.steps,
+            init_latent=init,
+            denoising_strength=p.denoising_strength,
+            concat=concat,
+        )
         return tensor_to_pil(_decode(ckpt, samples)), extra
 
-    return _run(checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch)
+    return _run(
+        checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch
+    )
 
 
 def inpaint(
@@ -716,10 +859,16 @@ def inpaint(
     if p.inpaint_full_res:
         crop_box = _mask_bbox(hard, p.inpaint_full_res_padding, p.width, p.height)
         work = source.crop(crop_box).resize((p.width, p.height), Image.Resampling.LANCZOS)
-        work_paint = Image.fromarray((paint * 255).astype(np.uint8)).crop(crop_box).resize((p.width, p.height), Image.Resampling.BILINEAR)
+        work_paint = (
+            Image.fromarray((paint * 255).astype(np.uint8))
+            .crop(crop_box)
+            .resize((p.width, p.height), Image.Resampling.BILINEAR)
+        )
     else:
         work = resize_image(p.resize_mode if p.resize_mode != 3 else 0, source, p.width, p.height)
-        work_paint = Image.fromarray((paint * 255).astype(np.uint8)).resize((p.width, p.height), Image.Resampling.BILINEAR)
+        work_paint = Image.fromarray((paint * 255).astype(np.uint8)).resize(
+            (p.width, p.height), Image.Resampling.BILINEAR
+        )
     if p.inpainting_fill == 0:
         work = _fill_masked(work, work_paint.point(lambda v: 255 if v > 127 else 0))
 
@@ -730,7 +879,9 @@ def inpaint(
         image_t = pil_to_tensor(work)
         init = _encode(ckpt, image_t).expand(len(seeds), -1, -1, -1).contiguous()
         pm = torch.from_numpy(np.asarray(work_paint, dtype=np.float32) / 255.0)[None, None]
-        latent_mask = F.interpolate(pm, size=(h, w), mode="bilinear", antialias=True).round().to(init)
+        latent_mask = (
+            F.interpolate(pm, size=(h, w), mode="bilinear", antialias=True).round().to(init)
+        )
         latent_mask = latent_mask.expand(len(seeds), -1, -1, -1)
         if p.inpainting_fill == 3:  # latent nothing
             init = init * (1 - latent_mask)
@@ -738,21 +889,41 @@ def inpaint(
         if ckpt.spec.unet.in_channels != 4:
             hard_pm = (pm > 0.5).float()
             masked_image = image_t * (1 - hard_pm)
-            concat = torch.cat([F.interpolate(hard_pm, size=(h, w), mode="nearest").to(init).expand(len(seeds), -1, -1, -1),
-                                _encode(ckpt, masked_image).expand(len(seeds), -1, -1, -1)], dim=1)
+            concat = torch.cat(
+                [
+                    F.interpolate(hard_pm, size=(h, w), mode="nearest")
+                    .to(init)
+                    .expand(len(seeds), -1, -1, -1),
+                    _encode(ckpt, masked_image).expand(len(seeds), -1, -1, -1),
+                ],
+                dim=1,
+            )
         shape = tuple(init.shape[1:])
         noise_rng = _image_rng(p, seeds, subseeds, shape, ckpt.device)
-        samples = _sample(job, cond=enc.cond, uncond=enc.uncond, noise_rng=noise_rng, latent_shape=tuple(init.shape),
-                          steps=p.steps, init_latent=init, denoising_strength=p.denoising_strength,
-                          latent_mask=None if concat is not None and p.denoising_strength >= 1 else latent_mask,
-                          concat=concat, fill_noise_mask=p.inpainting_fill == 2)
+        samples = _sample(
+            job,
+            cond=enc.cond,
+            uncond=enc.uncond,
+            noise_rng=noise_rng,
+            latent_shape=tuple(init.shape),
+            steps=p.steps,
+            init_latent=init,
+            denoising_strength=p.denoising_strength,
+            latent_mask=None if concat is not None and p.denoising_strength >= 1 else latent_mask,
+            concat=concat,
+            fill_noise_mask=p.inpainting_fill == 2,
+        )
         generated = tensor_to_pil(_decode(ckpt, samples))
         return [_paste_back(g, source, alpha, crop_box) for g in generated], _inpaint_extra(p)
 
-    return _run(checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch)
+    return _run(
+        checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch
+    )
 
 
-def _paste_back(generated: Image.Image, source: Image.Image, alpha: np.ndarray, crop_box) -> Image.Image:
+def _paste_back(
+    generated: Image.Image, source: Image.Image, alpha: np.ndarray, crop_box
+) -> Image.Image:
     """Composite the generated pixels over the source with `alpha` (0 outside the mask)."""
     if crop_box is not None:
         x1, y1, x2, y2 = crop_box

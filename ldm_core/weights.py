@@ -9,6 +9,7 @@ near the size of the finished model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -106,7 +107,9 @@ class WeightFile:
                 raise ValueError("header is not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
             self.close()
-            raise CheckpointError(self.path, f"not a safetensors file (bad header: {exc})") from None
+            raise CheckpointError(
+                self.path, f"not a safetensors file (bad header: {exc})"
+            ) from None
         data_start = 8 + header_len
         meta = header.pop("__metadata__", None) or {}
         self.metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -122,14 +125,18 @@ class WeightFile:
             begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
         except (KeyError, TypeError, ValueError) as exc:
             self.close()
-            raise CheckpointError(self.path, f"tensor {name!r} has a malformed header entry ({exc})") from None
+            raise CheckpointError(
+                self.path, f"tensor {name!r} has a malformed header entry ({exc})"
+            ) from None
         numel = 1
         for d in shape:
             numel *= d
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if end - begin != nbytes or begin < 0:
             self.close()
-            raise CheckpointError(self.path, f"tensor {name!r}: header size does not match its shape {list(shape)}")
+            raise CheckpointError(
+                self.path, f"tensor {name!r}: header size does not match its shape {list(shape)}"
+            )
         if data_start + end > size:
             self.close()
             raise CheckpointError(
@@ -202,10 +209,8 @@ class WeightFile:
             return
         page = mmap.PAGESIZE
         lo = start - start % page
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._mmap.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-        except (OSError, ValueError):
-            pass
 
     def load(
         self,
@@ -223,7 +228,9 @@ class WeightFile:
         out = {}
         for k in keys:
             buf = arena.take(self.shape(k), self.target_dtype(k, dtype)) if arena else None
-            out[k[len(strip_prefix) :] if k.startswith(strip_prefix) else k] = self.get(k, dtype, device, buf)
+            out[k[len(strip_prefix) :] if k.startswith(strip_prefix) else k] = self.get(
+                k, dtype, device, buf
+            )
         return out
 
     def close(self) -> None:
@@ -262,10 +269,8 @@ class Arena:
         self.size = nbytes + self.ALIGN * 1024
         self._map = mmap.mmap(-1, max(self.size, 1))
         if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
+            with contextlib.suppress(OSError):
                 self._map.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:
-                pass
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._offset = 0
 
@@ -293,7 +298,9 @@ def load_legacy_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise CheckpointError(path, f"legacy checkpoint holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(
+            path, f"legacy checkpoint holds a {type(obj).__name__}, not a state dict"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(path, "legacy checkpoint holds no tensors")
@@ -316,7 +323,9 @@ def _refusal(path: Path, exc: Exception) -> CheckpointError:
             "could run arbitrary code. Convert it to .safetensors with a tool you trust. "
             f"({text})",
         )
-    return CheckpointError(path, f"cannot read legacy checkpoint (corrupt or not a torch file): {text}")
+    return CheckpointError(
+        path, f"cannot read legacy checkpoint (corrupt or not a torch file): {text}"
+    )
 
 
 def module_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -342,9 +351,15 @@ def check_keys(
     if not (missing or unexpected or misshaped):
         return
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
         if items:
-            shown = "; ".join(items[:10]) + (f"; ... ({len(items) - 10} more)" if len(items) > 10 else "")
+            shown = "; ".join(items[:10]) + (
+                f"; ... ({len(items) - 10} more)" if len(items) > 10 else ""
+            )
             parts.append(f"{len(items)} {label} key(s): {shown}")
     raise CheckpointError(source, f"{what} weights do not match the model. " + " | ".join(parts))
 
@@ -353,11 +368,18 @@ def assign_weights(
     module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str | os.PathLike, what: str
 ) -> nn.Module:
     """Strictly load `state_dict` into a (meta-built) module by assigning the tensors."""
-    check_keys(module_shapes(module), {k: tuple(v.shape) for k, v in state_dict.items()}, source=source, what=what)
+    check_keys(
+        module_shapes(module),
+        {k: tuple(v.shape) for k, v in state_dict.items()},
+        source=source,
+        what=what,
+    )
     module.load_state_dict(state_dict, strict=True, assign=True)
     leftover = [n for n, t in _named_tensors(module) if t.is_meta]
     if leftover:
-        raise CheckpointError(source, f"{what}: tensors left uninitialised after loading: {leftover[:5]}")
+        raise CheckpointError(
+            source, f"{what}: tensors left uninitialised after loading: {leftover[:5]}"
+        )
     return module
 
 
@@ -366,7 +388,11 @@ def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_buffers()
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write a safetensors file atomically (temp file in the same folder, then rename)."""
     from safetensors.torch import save_file
 
@@ -374,7 +400,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
-        save_file(contiguous, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        save_file(
+            contiguous, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()}
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():

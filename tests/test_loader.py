@@ -72,7 +72,11 @@ def test_save_load_round_trip_identical_outputs(tmp_path, unet_cfg, text_cfg, fa
     again = tmp_path / "again.safetensors"
     ldm_core.loader.save_checkpoint(ckpt, again)
     ckpt2 = ldm_core.load_checkpoint(again, device="cpu")
-    for a, b in zip(got, _outputs(ckpt2.unet, ckpt2.vae, ckpt2.text_encoders[0], unet_cfg.context_dim), strict=True):
+    for a, b in zip(
+        got,
+        _outputs(ckpt2.unet, ckpt2.vae, ckpt2.text_encoders[0], unet_cfg.context_dim),
+        strict=True,
+    ):
         assert torch.equal(a, b)
 
 
@@ -85,7 +89,9 @@ def _full_shapes(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig) -> dict[str,
         shapes = _shapes(UNetModel(unet_cfg), detect.UNET_PREFIX)
         shapes.update(_shapes(AutoencoderKL(SD_VAE), detect.VAE_PREFIX))
         enc = TextEncoder(text_cfg)
-    shapes.update({text_cfg.prefix + k: tuple(v.shape) for k, v in enc.to_original_state_dict().items()})
+    shapes.update(
+        {text_cfg.prefix + k: tuple(v.shape) for k, v in enc.to_original_state_dict().items()}
+    )
     return shapes
 
 
@@ -113,7 +119,9 @@ def test_detect_shrunken_config_and_prediction_markers():
         shapes = _shapes(UNetModel(cfg), detect.UNET_PREFIX)
         shapes.update(_shapes(AutoencoderKL(TINY_VAE), detect.VAE_PREFIX))
         enc = TextEncoder(TINY_CLIP)
-    shapes.update({TINY_CLIP.prefix + k: tuple(v.shape) for k, v in enc.to_original_state_dict().items()})
+    shapes.update(
+        {TINY_CLIP.prefix + k: tuple(v.shape) for k, v in enc.to_original_state_dict().items()}
+    )
     spec = detect.detect_model(shapes)
     assert spec.unet == cfg and spec.vae == TINY_VAE and spec.prediction is Prediction.EPS
     spec_v = detect.detect_model({**shapes, "v_pred": (0,)})
@@ -144,9 +152,15 @@ def test_separate_vae_replaces_checkpoint_vae(tmp_path):
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(ckpt.vae.decode(x), other.decode(x))
-    assert ckpt.vae_path == vae_path and ckpt.vae_sha256 == hashlib.sha256(vae_path.read_bytes()).hexdigest()
+    assert (
+        ckpt.vae_path == vae_path
+        and ckpt.vae_sha256 == hashlib.sha256(vae_path.read_bytes()).hexdigest()
+    )
     # 2-D attention weights (diffusers-style re-saves) are accepted in a VAE file
-    sd = {k: (v.squeeze(-1).squeeze(-1) if ".attn_1." in k and v.dim() == 4 else v) for k, v in other.state_dict().items()}
+    sd = {
+        k: (v.squeeze(-1).squeeze(-1) if ".attn_1." in k and v.dim() == 4 else v)
+        for k, v in other.state_dict().items()
+    }
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "flat.safetensors"))
     vae2, _ = load_vae_file(tmp_path / "flat.safetensors", device="cpu")
     with torch.no_grad():
@@ -218,7 +232,9 @@ def test_lora_offered_as_checkpoint(tmp_path):
 
 def test_vae_offered_as_checkpoint(tmp_path):
     path = tmp_path / "vae.safetensors"
-    save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY_VAE).state_dict().items()}, str(path))
+    save_file(
+        {k: v.contiguous() for k, v in AutoencoderKL(TINY_VAE).state_dict().items()}, str(path)
+    )
     with pytest.raises(CheckpointError, match="VAE file"):
         ldm_core.load_checkpoint(path, device="cpu")
 
@@ -231,7 +247,10 @@ def test_missing_and_misshaped_keys_are_listed(tmp_path):
     sd = load_file(str(path))
     del sd[detect.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"]
     save_file(sd, str(path))
-    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.to_q\.weight") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 missing key\(s\): input_blocks\.1\.1\.transformer_blocks\.0\.attn1\.to_q\.weight",
+    ) as e:
         ldm_core.load_checkpoint(path, device="cpu")
     assert "UNet" in str(e.value) and str(path) in str(e.value)
 
@@ -241,7 +260,10 @@ def test_missing_and_misshaped_keys_are_listed(tmp_path):
     key = detect.UNET_PREFIX + "input_blocks.1.0.emb_layers.1.bias"
     sd[key] = torch.zeros(sd[key].shape[0] + 1)
     save_file(sd, str(path2))
-    with pytest.raises(CheckpointError, match=r"mis-shaped key\(s\): input_blocks\.1\.0\.emb_layers\.1\.bias: file \[33\], model \[32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped key\(s\): input_blocks\.1\.0\.emb_layers\.1\.bias: file \[33\], model \[32\]",
+    ):
         ldm_core.load_checkpoint(path2, device="cpu")
 
 
@@ -298,6 +320,7 @@ def test_sha256_and_model_hash_cached(tmp_path, monkeypatch):
 def test_text_encoder_width_mismatch_is_reported(tmp_path):
     path = tmp_path / "mismatch.safetensors"
     write_tiny(path, text_cfg=replace(TINY_CLIP, hidden_size=128, num_heads=2))
-    with pytest.raises(CheckpointError, match="64-wide text features but the text encoder is 128 wide"):
+    with pytest.raises(
+        CheckpointError, match="64-wide text features but the text encoder is 128 wide"
+    ):
         ldm_core.load_checkpoint(path, device="cpu")
-

@@ -59,7 +59,9 @@ def test_weights_restored_even_when_generation_fails(ckpt):
 
 def test_misshaped_delta_is_named(ckpt):
     handle = _handle(ckpt)
-    handle.add_weight_patch("out.2.bias", WeightPatch(lambda w: torch.ones(3), source="bad.safetensors"))
+    handle.add_weight_patch(
+        "out.2.bias", WeightPatch(lambda w: torch.ones(3), source="bad.safetensors")
+    )
     before = ckpt.unet.out[2].bias.clone()
     with pytest.raises(ValueError, match=r"bad.safetensors.*out.2.bias"), handle.weights_patched():
         pass

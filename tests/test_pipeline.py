@@ -33,7 +33,15 @@ def inpaint_ckpt(tmp_path_factory):
     return ldm_core.load_checkpoint(path, device="cpu")
 
 
-BASE = GenerationParams(prompt="a red circle", negative_prompt="blurry", steps=6, width=64, height=64, seed=1234, cfg_scale=5.0)
+BASE = GenerationParams(
+    prompt="a red circle",
+    negative_prompt="blurry",
+    steps=6,
+    width=64,
+    height=64,
+    seed=1234,
+    cfg_scale=5.0,
+)
 
 
 def _arr(img: Image.Image) -> np.ndarray:
@@ -83,7 +91,9 @@ def test_variation_strength_endpoints(ckpt):
     assert "Variation seed: 99" in mid.infotexts[0]
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "Heun", "DDIM", "UniPC", "LCM", "DPM2 a", "LMS"])
+@pytest.mark.parametrize(
+    "sampler", ["Euler a", "DPM++ 2M SDE", "Heun", "DDIM", "UniPC", "LCM", "DPM2 a", "LMS"]
+)
 def test_every_kind_of_sampler_runs_reproducibly(ckpt, sampler):
     p = replace(BASE, sampler_name=sampler, steps=4)
     a, b = pipeline.txt2img(ckpt, p), pipeline.txt2img(ckpt, p)
@@ -91,7 +101,9 @@ def test_every_kind_of_sampler_runs_reproducibly(ckpt, sampler):
 
 
 def test_old_combined_sampler_name_is_split(ckpt):
-    res = pipeline.txt2img(ckpt, replace(BASE, sampler_name="DPM++ 2M Karras", scheduler="Automatic"))
+    res = pipeline.txt2img(
+        ckpt, replace(BASE, sampler_name="DPM++ 2M Karras", scheduler="Automatic")
+    )
     _, _, params = infotext.parse_infotext(res.infotexts[0], defaults=False)
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
 
@@ -100,7 +112,9 @@ def test_img2img_strength_zero_is_vae_round_trip(ckpt):
     src = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     res = pipeline.img2img(ckpt, replace(BASE, init_image=src, denoising_strength=0.0))
     with torch.no_grad():
-        rt = pipeline.tensor_to_pil(ckpt.vae.decode(ckpt.vae.encode(pipeline.pil_to_tensor(src))))[0]
+        rt = pipeline.tensor_to_pil(ckpt.vae.decode(ckpt.vae.encode(pipeline.pil_to_tensor(src))))[
+            0
+        ]
     assert np.abs(_arr(res.images[0]) - _arr(rt)).max() <= 1
     changed = pipeline.img2img(ckpt, replace(BASE, init_image=src, denoising_strength=0.8))
     assert np.abs(_arr(changed.images[0]) - _arr(rt)).mean() > 1
@@ -123,8 +137,16 @@ def test_inpaint_keeps_unmasked_pixels_exactly(ckpt, fill, full_res):
     src = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 40, 40))
-    p = replace(BASE, init_image=src, mask=mask, denoising_strength=1.0, inpainting_fill=fill, mask_blur=3,
-                inpaint_full_res=full_res, inpaint_full_res_padding=8)
+    p = replace(
+        BASE,
+        init_image=src,
+        mask=mask,
+        denoising_strength=1.0,
+        inpainting_fill=fill,
+        mask_blur=3,
+        inpaint_full_res=full_res,
+        inpaint_full_res_padding=8,
+    )
     res = pipeline.inpaint(ckpt, p)
     out, inp, m = _arr(res.images[0]), _arr(src), np.asarray(mask) > 0
     assert np.array_equal(out[~m], inp[~m])
@@ -145,14 +167,23 @@ def test_inpainting_model_with_nine_channels(inpaint_ckpt):
 def test_outpaint_pad_and_inpaint(ckpt):
     src = Image.new("RGB", (48, 64), (10, 200, 10))
     padded, mask = pipeline.outpaint_pad(src, right=16)
-    assert padded.size == (64, 64) and mask.getpixel((60, 10)) == 255 and mask.getpixel((10, 10)) == 0
-    res = pipeline.inpaint(ckpt, replace(BASE, init_image=padded, mask=mask, inpainting_fill=0, mask_blur=0))
+    assert (
+        padded.size == (64, 64) and mask.getpixel((60, 10)) == 255 and mask.getpixel((10, 10)) == 0
+    )
+    res = pipeline.inpaint(
+        ckpt, replace(BASE, init_image=padded, mask=mask, inpainting_fill=0, mask_blur=0)
+    )
     assert np.array_equal(_arr(res.images[0])[:, :48], _arr(src))
 
 
 def test_hires_fix_latent_and_pixel(ckpt):
     for upscaler in ("Latent", "Lanczos"):
-        res = pipeline.txt2img(ckpt, replace(BASE, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=3))
+        res = pipeline.txt2img(
+            ckpt,
+            replace(
+                BASE, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=3
+            ),
+        )
         assert res.images[0].size == (96, 96)
         assert f"Hires upscaler: {upscaler}" in res.infotexts[0]
 
@@ -230,7 +261,10 @@ def test_custom_cfg_function_and_post_cfg_order(ckpt):
     handle.add_post_cfg_function(lambda a: order.append("post2") or a.denoised)
     res = pipeline.txt2img(handle, replace(BASE, sampler_name="Euler", steps=2))
     assert order == ["cfg", "post1", "post2"] * 2
-    assert np.array_equal(_arr(res.images[0]), _arr(pipeline.txt2img(ckpt, replace(BASE, sampler_name="Euler", steps=2)).images[0]))
+    assert np.array_equal(
+        _arr(res.images[0]),
+        _arr(pipeline.txt2img(ckpt, replace(BASE, sampler_name="Euler", steps=2)).images[0]),
+    )
 
 
 def test_prompt_edit_switches_conditioning_at_the_right_step(ckpt):
@@ -243,9 +277,19 @@ def test_prompt_edit_switches_conditioning_at_the_right_step(ckpt):
         return apply(call)
 
     handle.add_unet_wrapper(grab)
-    pipeline.txt2img(handle, replace(BASE, prompt="a [red:blue:3] circle", sampler_name="Euler", steps=8, cfg_scale=1.0))
-    red = pipeline.conditioning.encode_prompts(ckpt, ["a red circle"], [""], 8).cond[0].parts[0].at(0)
-    blue = pipeline.conditioning.encode_prompts(ckpt, ["a blue circle"], [""], 8).cond[0].parts[0].at(0)
+    pipeline.txt2img(
+        handle,
+        replace(BASE, prompt="a [red:blue:3] circle", sampler_name="Euler", steps=8, cfg_scale=1.0),
+    )
+    red = (
+        pipeline.conditioning.encode_prompts(ckpt, ["a red circle"], [""], 8).cond[0].parts[0].at(0)
+    )
+    blue = (
+        pipeline.conditioning.encode_prompts(ckpt, ["a blue circle"], [""], 8)
+        .cond[0]
+        .parts[0]
+        .at(0)
+    )
     for step in range(8):
         want = red if step <= 3 else blue  # A1111: "red" while step <= 3
         assert torch.allclose(contexts[step], want.to(contexts[step])), step

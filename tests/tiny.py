@@ -46,5 +46,3 @@ def write_tiny(path: Path, unet_cfg=TINY_UNET, text_cfg=TINY_CLIP, dtype=None, *
     enc = random_text_encoder(text_cfg).eval()
     save_components(path, unet=unet, vae=vae, text_encoder=enc, dtype=dtype, **kw)
     return unet, vae, enc
-
-

@@ -23,15 +23,15 @@ def _safe(text: str, limit: int = 80) -> str:
 
 
 class OutputWriter:
-    """Writes images for every tab under one root. Thread-safe: numbers never repeat."""
+    """Writes the images of every tab. Thread-safe: numbers in a folder never repeat."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
 
-    def folder(self, tab: str, when: dt.datetime | None = None) -> Path:
+    @staticmethod
+    def folder(root: Path, tab: str, when: dt.datetime | None = None) -> Path:
         when = when or dt.datetime.now()
-        return self.root / _safe(tab) / when.strftime("%Y-%m-%d")
+        return Path(root) / _safe(tab) / when.strftime("%Y-%m-%d")
 
     @staticmethod
     def next_number(folder: Path) -> int:
@@ -50,6 +50,7 @@ class OutputWriter:
         infotexts: list[str],
         records: list[dict],
         *,
+        root: Path,
         tab: str,
         pattern: str = "[number]-[seed]",
         prompt: str = "",
@@ -57,7 +58,7 @@ class OutputWriter:
         """Save each image as PNG with its infotext; returns the paths written."""
         check_filename_pattern(pattern)
         now = dt.datetime.now()
-        folder = self.folder(tab, now)
+        folder = self.folder(root, tab, now)
         paths = []
         with self._lock:
             folder.mkdir(parents=True, exist_ok=True)

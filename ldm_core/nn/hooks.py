@@ -37,7 +37,9 @@ class AttentionInfo:
 
 # fn(hidden [B,N,C], context [B,M,Cc], value [B,M,Cc], info) -> (hidden, context, value);
 # runs before the q/k/v projections.
-AttentionInputPatch = Callable[[Tensor, Tensor, Tensor, AttentionInfo], tuple[Tensor, Tensor, Tensor]]
+AttentionInputPatch = Callable[
+    [Tensor, Tensor, Tensor, AttentionInfo], tuple[Tensor, Tensor, Tensor]
+]
 # fn(q [B,N,h*d], k [B,M,h*d], v [B,M,h*d], info) -> out [B,N,h*d]; replaces the attention
 # computation between the projections and `to_out`.
 AttentionReplace = Callable[[Tensor, Tensor, Tensor, AttentionInfo], Tensor]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ class AETrainConfig:
     checkpoint_minutes: float = 3.0
     log_every: int = 25
     bf16: bool = True
+    threads: int = 2
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
 
 
@@ -53,6 +55,66 @@ def time_cosine_lr(base_lr: float, step: int, progress: float, warmup_steps: int
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
     return base_lr * warm * (min_ratio + (1 - min_ratio) * cos)
+
+
+class ThreadTuner:
+    """Chooses 1 or `max_threads` torch threads by measured step time.
+
+    The machine is shared: when other processes hold a core, two OpenMP threads can be far slower
+    than one (they wait for each other at every barrier). Every `period` steps the other thread
+    count is tried for `probe` steps and kept if its median step time is lower.
+    """
+
+    def __init__(self, max_threads: int, period: int = 150, probe: int = 8):
+        self.max_threads, self.period, self.probe = max_threads, period, probe
+        self.current = max_threads
+        torch.set_num_threads(self.current)
+        self.history: list[float] = []
+        self.trial: list[float] | None = None
+        self.since = 0
+
+    def record(self, seconds: float) -> None:
+        if self.max_threads <= 1:
+            return
+        if self.trial is not None:
+            self.trial.append(seconds)
+            if len(self.trial) > self.probe:  # the first step at a new count warms the pool up
+                other = self.current
+                base, alt = _median(self.history[-self.probe :]), _median(self.trial[1:])
+                if alt >= base:
+                    self.current = 1 if other == self.max_threads else self.max_threads
+                torch.set_num_threads(self.current)
+                log.info(
+                    "threads: %d -> %.2f s/step, %d -> %.2f s/step; using %d",
+                    1 if other == self.max_threads else self.max_threads, base, other, alt, self.current,
+                )
+                self.trial, self.since, self.history = None, 0, []
+            return
+        self.history.append(seconds)
+        self.since += 1
+        if self.since >= self.period:
+            self.current = 1 if self.current == self.max_threads else self.max_threads
+            torch.set_num_threads(self.current)
+            self.trial = []
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT so a training loop can checkpoint and return cleanly."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        try:
+            signal.signal(signal.SIGTERM, self._set)
+            signal.signal(signal.SIGINT, self._set)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            pass
+
+    def _set(self, signum, frame) -> None:
+        self.stop = True
 
 
 def world_batch(seed: int, step: int, batch_size: int) -> world.WorldBatch:
@@ -115,6 +177,8 @@ def train_autoencoder(
     start = time.monotonic() - elapsed
     last_ckpt = time.monotonic()
     window_t, window_steps, sums = time.monotonic(), 0, {}
+    tuner = ThreadTuner(cfg.threads)
+    stop = StopFlag()
 
     def checkpoint() -> None:
         _save(
@@ -126,6 +190,10 @@ def train_autoencoder(
         elapsed = time.monotonic() - start
         if elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
+        if stop.stop:
+            checkpoint()
+            raise SystemExit("autoencoder: interrupted, checkpoint saved")
+        t_step = time.monotonic()
         lr = time_cosine_lr(cfg.lr, step, elapsed / budget, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -135,6 +203,7 @@ def train_autoencoder(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         opt.step()
+        tuner.record(time.monotonic() - t_step)
         step += 1
         window_steps += 1
         for k, v in parts.items():

@@ -70,7 +70,9 @@ def stage_autoencoder(args, workdir: Path):
         ae.eval()
         log.info("autoencoder: loaded %s (scale factor %.5f)", final, state["scale_factor"])
         return ae, float(state["scale_factor"])
-    cfg = ae_mod.AETrainConfig(minutes=args.ae_minutes, seed=args.seed, bf16=not args.no_bf16)
+    cfg = ae_mod.AETrainConfig(
+        minutes=args.ae_minutes, seed=args.seed, bf16=not args.no_bf16, threads=args.threads
+    )
     t0 = time.monotonic()
     ae = ae_mod.train_autoencoder(workdir, cfg, vae_config, resume=not args.no_resume)
     scale_factor = ae_mod.latent_scale_factor(ae)
