@@ -149,7 +149,17 @@ def run_diffusers(path: Path, steps: int, size: int) -> float:
     vae_cfg = create_vae_diffusers_config_from_ldm(ldm_cfg, sd)
     vae = AutoencoderKL(**vae_cfg)
     vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vae_cfg))
-    te = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", projection_dim=768))
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
     te_sd = {
         k[len("cond_stage_model.transformer.") :]: v
         for k, v in sd.items()
@@ -158,9 +168,9 @@ def run_diffusers(path: Path, steps: int, size: int) -> float:
     te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
     te_sd = {k: v for k, v in te_sd.items() if "position_ids" not in k}
     if hasattr(te, "text_model"):
-        te.text_model.load_state_dict(te_sd, strict=False)
+        te.text_model.load_state_dict(te_sd)
     else:
-        te.load_state_dict(te_sd, strict=False)
+        te.load_state_dict(te_sd)
     sched = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True
     )
@@ -197,23 +207,24 @@ def main() -> None:
     ap.add_argument("--file", type=Path, default=Path("/tmp/sd15-fp16.safetensors"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--only", choices=["ours", "diffusers"], help="run one side only")
     args = ap.parse_args()
     if not args.file.exists():
         from bench.bench_load import write_file
 
         write_file(args.file)
-    ours = run_ours(args.file, args.steps, args.size)
-    print(
-        f"ours: {args.steps}-step txt2img {args.size}x{args.size}: {ours['total']:.1f}s total; "
-        f"UNet {ours['unet']:.1f}s, VAE {ours['vae_dec'] + ours['vae_post']:.2f}s, text encoder {ours['text']:.2f}s; "
-        f"everything else {ours['overhead']:.2f}s = {100 * ours['overhead'] / ours['total']:.2f}% of the total"
-    )
-    if not args.no_diffusers:
-        ref = run_diffusers(args.file, args.steps, args.size)
+    ours = None
+    if args.only != "diffusers":
+        ours = run_ours(args.file, args.steps, args.size)
         print(
-            f"diffusers StableDiffusionPipeline, same weights and settings: {ref:.1f}s; ours/diffusers = {ours['total'] / ref:.2f}"
+            f"ours: {args.steps}-step txt2img {args.size}x{args.size}: {ours['total']:.1f}s total; "
+            f"UNet {ours['unet']:.1f}s, VAE {ours['vae_dec'] + ours['vae_post']:.2f}s, text encoder {ours['text']:.2f}s; "
+            f"everything else {ours['overhead']:.2f}s = {100 * ours['overhead'] / ours['total']:.2f}% of the total"
         )
+    if args.only != "ours":
+        ref = run_diffusers(args.file, args.steps, args.size)
+        ratio = f"; ours/diffusers = {ours['total'] / ref:.2f}" if ours else ""
+        print(f"diffusers StableDiffusionPipeline, same weights and settings: {ref:.1f}s{ratio}")
 
 
 if __name__ == "__main__":

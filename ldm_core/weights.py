@@ -150,6 +150,9 @@ class WeightFile:
     def keys(self) -> list[str]:
         return list(self._infos) if self._infos else list(self._tensors)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
     def __contains__(self, key: str) -> bool:
         return key in self._infos or key in self._tensors
 

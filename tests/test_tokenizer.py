@@ -55,6 +55,11 @@ def test_vocab_reconstruction():
     assert tokenizer.convert_tokens_to_ids(["!", ",</w>", "cat</w>"]) == [0, 267, 2368]
 
 
+def test_padding_calls_do_not_leak_into_tokenize_ids():
+    get_tokenizer()("a cat", padding="max_length", max_length=77, truncation=True)
+    assert tokenize_ids("a cat") == [320, 2368]
+
+
 def test_cached_and_long_prompts_untruncated():
     assert get_tokenizer() is get_tokenizer()
     assert tokenize_ids("cat " * 100) == [2368] * 100

@@ -148,7 +148,7 @@ class App:
         result = run(ckpt, params, on_step=job.on_step, cancel=job.token, embeddings=self.models.embeddings)
         if result.images:
             try:
-                result.paths = self.outputs.save(
+                job.paths = self.outputs.save(
                     result.images, result.infotexts, result.records, root=self.outputs_root(opts),
                     tab=tab, pattern=opts.filename_pattern, prompt=params.prompt,
                 )

@@ -57,6 +57,7 @@ class Job:
     result: object = None
     error: BaseException | None = None
     warnings: list[str] = field(default_factory=list)
+    paths: list = field(default_factory=list)  # where the images were saved
     submitted: float = field(default_factory=time.perf_counter)
     events: queue.Queue = field(default_factory=queue.Queue)
 

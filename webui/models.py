@@ -69,12 +69,12 @@ class ModelStatus:
     @property
     def text(self) -> str:
         if self.state == "loading":
-            return f"⏳ Loading {self.checkpoint or 'the core'}… {self.elapsed:.1f} s"
+            return f"Loading {self.checkpoint or 'the core'}… {self.elapsed:.1f} s"
         if self.state == "ready":
             note = f" — {self.message}" if self.message else ""
-            return f"✅ {self.checkpoint}{note}"
+            return f"✔ {self.checkpoint}{note}"
         if self.state == "error":
-            return f"⚠️ {self.message}"
+            return f"⚠ {self.message}"
         return f"No model loaded. {self.message}".strip()
 
 
@@ -178,7 +178,7 @@ class ModelManager:
             return None
         path = self._vaes.get(vae)
         if path is None or not path.is_file():
-            raise ModelError(f"VAE {vae!r} not found in {self.vae_dir}; press 🔄 to rescan the folder")
+            raise ModelError(f"VAE {vae!r} not found in {self.vae_dir}; press ↻ to rescan the folder")
         return path
 
     # -- status ----------------------------------------------------------------------------------
@@ -211,10 +211,10 @@ class ModelManager:
         path = self._checkpoints.get(name)
         if path is None or not path.is_file():
             raise ModelError(
-                f"checkpoint {name!r} not found in {self.checkpoints_dir}; press 🔄 to rescan the folder"
+                f"checkpoint {name!r} not found in {self.checkpoints_dir}; press ↻ to rescan the folder"
             )
         if vae not in self.vae_names():
-            raise ModelError(f"VAE {vae!r} not found in {self.vae_dir}; press 🔄 to rescan the folder")
+            raise ModelError(f"VAE {vae!r} not found in {self.vae_dir}; press ↻ to rescan the folder")
         pairs = [(name, vae)]
         if self.checkpoint_name and self.checkpoint_name != name:
             pairs.append((self.checkpoint_name, self.vae_name))
@@ -253,7 +253,7 @@ class ModelManager:
 
     def _load_locked(self, core, pairs: list[tuple[str, str]], note: str, remember: bool) -> None:
         if not pairs:
-            msg = f"put a .safetensors checkpoint in {self.checkpoints_dir} and press 🔄"
+            msg = f"put a .safetensors checkpoint in {self.checkpoints_dir} and press ↻"
             self._set("empty", f"{note}; {msg}" if note else msg)
             return
         errors = [note] if note else []

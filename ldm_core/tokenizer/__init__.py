@@ -101,8 +101,22 @@ def get_tokenizer():
     return tokenizer
 
 
+@functools.cache
+def _plain_backend():
+    """A private copy of the backend tokenizer with padding and truncation off.
+
+    Calling the transformers tokenizer with `padding=`/`truncation=` switches those on in its
+    shared backend and leaves them on, so we never encode through that shared object.
+    """
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(get_tokenizer().backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 def tokenize_ids(text: str) -> list[int]:
     """CLIP token ids of `text`, without BOS/EOS and without truncation."""
-    # The backend tokenizer skips transformers' "sequence longer than 77" warning: long prompts
-    # are normal here, the prompt code splits them into 75-token chunks.
-    return get_tokenizer().backend_tokenizer.encode(text, add_special_tokens=False).ids
+    # Long prompts are normal here: the prompt code splits them into 75-token chunks.
+    return _plain_backend().encode(text, add_special_tokens=False).ids

@@ -65,7 +65,7 @@ class ThreadTuner:
     count is tried for `probe` steps and kept if its median step time is lower.
     """
 
-    def __init__(self, max_threads: int, period: int = 150, probe: int = 8):
+    def __init__(self, max_threads: int, period: int = 40, probe: int = 6):
         self.max_threads, self.period, self.probe = max_threads, period, probe
         self.current = max_threads
         torch.set_num_threads(self.current)

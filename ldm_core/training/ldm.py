@@ -31,7 +31,7 @@ from ldm_core.nn.unet import UNetModel
 from ldm_core.schedules import ModelSampling, alphas_cumprod_from_betas, scaled_linear_betas
 from ldm_core.tokenizer import get_tokenizer
 from ldm_core.training import world
-from ldm_core.training.autoencoder import encode_means, time_cosine_lr
+from ldm_core.training.autoencoder import StopFlag, ThreadTuner, encode_means, time_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class LDMTrainConfig:
     eval_prompts: int = 112
     log_every: int = 25
     bf16: bool = False
+    threads: int = 2
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
 
 
@@ -193,12 +194,26 @@ def _captions(scenes: list[world.Scene], rng: np.random.Generator, dropout: floa
     return ["" if rng.random() < dropout else world.caption(s, rng, "train") for s in scenes]
 
 
-def train_ldm(workdir: str | Path, data: LatentDataset, cfg: LDMTrainConfig, *, resume: bool = True, judge=None, vae=None):
-    """Train (or resume) UNet + text encoder; returns the EMA models."""
+def train_ldm(
+    workdir: str | Path,
+    data: LatentDataset,
+    cfg: LDMTrainConfig,
+    *,
+    resume: bool = True,
+    judge=None,
+    vae: AutoencoderKL | None = None,
+    unet_config: UNetConfig = DEMO_UNET_CONFIG,
+    text_config: TextEncoderConfig = DEMO_TEXT_CONFIG,
+) -> DemoModels:
+    """Train (or resume) UNet + text encoder; returns the EMA models.
+
+    With a `judge` and the `vae`, held-out prompt adherence of the EMA weights is logged every
+    `cfg.eval_minutes`.
+    """
     workdir = Path(workdir)
     state_path = workdir / "ldm_state.pt"
     torch.manual_seed(cfg.seed)
-    models = build_models()
+    models = build_models(unet_config, text_config)
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema_unet, ema_text = EMA(models.unet, cfg.ema_decay), EMA(models.text_encoder, cfg.ema_decay)
@@ -226,6 +241,8 @@ def train_ldm(workdir: str | Path, data: LatentDataset, cfg: LDMTrainConfig, *, 
     window_t, window_steps, loss_sum = time.monotonic(), 0, 0.0
     models.unet.train()
     models.text_encoder.train()
+    tuner = ThreadTuner(cfg.threads)
+    stop = StopFlag()
 
     def checkpoint() -> None:
         payload = {
@@ -245,6 +262,10 @@ def train_ldm(workdir: str | Path, data: LatentDataset, cfg: LDMTrainConfig, *, 
         elapsed = time.monotonic() - start
         if elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
+        if stop.stop:
+            checkpoint()
+            raise SystemExit("ldm: interrupted, checkpoint saved")
+        t_step = time.monotonic()
         # Everything random in a step is a function of (seed, step), so resuming is exact.
         rng = np.random.default_rng([cfg.seed, step])
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -263,6 +284,7 @@ def train_ldm(workdir: str | Path, data: LatentDataset, cfg: LDMTrainConfig, *, 
         opt.step()
         ema_unet.update(models.unet)
         ema_text.update(models.text_encoder)
+        tuner.record(time.monotonic() - t_step)
         step += 1
         window_steps += 1
         loss_sum += loss.item()
@@ -370,9 +392,7 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
         models.text_encoder.eval()
         log.info("ldm: loaded EMA weights from %s", final)
         return models
-    cfg = LDMTrainConfig(
-        minutes=args.ldm_minutes, seed=args.seed, **({"max_steps": args.ldm_max_steps} if getattr(args, "ldm_max_steps", None) else {})
-    )
+    cfg = LDMTrainConfig(minutes=args.ldm_minutes, seed=args.seed, threads=args.threads)
     models = train_ldm(workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae)
     torch.save(
         {"unet": models.unet.state_dict(), "text_encoder": models.text_encoder.state_dict(), "config": asdict(cfg)},

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = ldm_mod.stage_latents(args, workdir, ae, scale_factor)
     log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
-    models = ldm_mod.stage_ldm(args, workdir, data)
+    models = ldm_mod.stage_ldm(args, workdir, data, judge=_load_judge(), vae=ae)
     log.info("stage ldm done at %.1f min", (time.monotonic() - t0) / 60)
     ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)

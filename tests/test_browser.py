@@ -1,0 +1,219 @@
+"""The main flows in a real Chromium (Debian's `chromium`, driven by Playwright's Python client):
+type a prompt and press Ctrl+Enter, watch the progress bar move and the image arrive; paint a
+mask on the Inpaint tab and generate; drop a PNG on PNG Info and send it to txt2img; a bad input
+shows a readable error. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+from ldm_core import infotext  # noqa: E402
+from tests.test_webui import make_settings  # noqa: E402
+from tests.tiny import write_tiny  # noqa: E402
+from webui.app import create_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser")
+    ckpt_dir = tmp / "models" / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True)
+    write_tiny(ckpt_dir / "tiny.safetensors", metadata={"ldm.default_size": "64"})
+    app = create_app(make_settings(tmp))
+    app.apply_options(preview_every=2)
+    app.launch(prevent_thread_lock=True)
+    app.models.start(wait=True)
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(app, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app.local_url)
+    page.wait_for_selector("#txt2img_generate")
+    # the page-load event fills in the defaults, then reports the model: wait for both
+    page.locator("#model_status").get_by_text("✔").wait_for()
+    yield page
+    page.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into the number box of a slider or number field, as a user would."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def progress(page, tab: str) -> tuple[str, float]:
+    el = page.locator(f"#{tab}_progress .ldm-progress").first
+    return el.get_attribute("data-state") or "", float(el.get_attribute("data-fraction") or 0)
+
+
+def wait_done(page, tab: str, *, on_running=None) -> list[float]:
+    """Poll the progress bar until the job ends; returns the fractions seen while running."""
+    seen: list[float] = []
+    deadline = time.time() + TIMEOUT_MS / 1000
+    while time.time() < deadline:
+        state, fraction = progress(page, tab)
+        if state == "running":
+            if not seen and on_running:
+                on_running()
+            if not seen or fraction != seen[-1]:
+                seen.append(fraction)
+        elif state in ("done", "interrupted"):
+            return seen
+        page.wait_for_timeout(25)
+    raise AssertionError(f"{tab}: the job did not finish")
+
+
+def result_image(page, tab: str) -> Image.Image:
+    img = page.locator(f"#{tab}_gallery img").first
+    img.wait_for()
+    response = page.request.get(img.get_attribute("src"))
+    assert response.ok
+    return Image.open(io.BytesIO(response.body()))
+
+
+def test_ctrl_enter_generates_with_a_moving_progress_bar(page):
+    set_number(page, "txt2img_steps", 40)
+    page.click("#txt2img_prompt textarea")
+    page.keyboard.type("a red circle")
+    page.keyboard.press("Control+Enter")
+    seen = wait_done(page, "txt2img", on_running=lambda: shot(page, "txt2img-progress"))
+    assert len(seen) >= 3 and seen == sorted(seen), f"progress fractions seen: {seen}"
+    assert "Done: 1 image" in page.locator("#txt2img_progress").inner_text()
+    image = result_image(page, "txt2img")
+    assert image.size == (64, 64)
+    assert image.info["parameters"].startswith("a red circle\nSteps: 40,")  # the PNG keeps its infotext
+    assert "Steps: 40" in page.locator("#txt2img_infotext textarea").input_value()
+    shot(page, "txt2img-done")
+
+
+def test_paint_a_mask_and_inpaint(page, tmp_path):
+    source = Image.new("RGB", (64, 64), (40, 90, 200))
+    ImageDraw.Draw(source).ellipse((16, 16, 48, 48), fill=(230, 200, 40))
+    source.save(tmp_path / "source.png")
+    page.get_by_role("tab", name="Inpaint").click()
+    page.locator("#inpaint_editor input[type=file]").set_input_files(str(tmp_path / "source.png"))
+    canvas = page.locator("#inpaint_editor canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(500)
+    page.fill("#inpaint_prompt textarea", "a green square")
+    set_number(page, "inpaint_steps", 6)
+    set_number(page, "inpaint_mask_blur", 0)
+    set_number(page, "inpaint_denoising_strength", 1)
+    page.locator("#inpaint_masked_content").get_by_text("latent noise").click()
+    # paint a stroke across the middle of the picture with the brush, at a hand's pace
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 60, cy)
+    page.mouse.down()
+    for x in np.linspace(cx - 60, cx + 60, 16):
+        page.mouse.move(float(x), cy)
+        page.wait_for_timeout(20)
+    page.mouse.up()
+    shot(page, "inpaint-mask")
+    page.click("#inpaint_generate")
+    wait_done(page, "inpaint")
+    shot(page, "inpaint-done")
+    out = np.asarray(result_image(page, "inpaint").convert("RGB"), dtype=np.int16)
+    src = np.asarray(source, dtype=np.int16)
+    assert out.shape == src.shape
+    changed = np.abs(out - src).max(axis=2) > 8
+    assert changed[30:34, 28:36].mean() > 0.5, "the painted stroke was repainted"
+    assert not changed[:2].any() and not changed[-2:].any(), "pixels outside the mask are kept"
+
+
+def test_drop_a_png_on_png_info_and_send_it_to_txt2img(page, tmp_path):
+    text = infotext.build_infotext("a dropped prompt", "low quality", {
+        "Steps": 13, "Sampler": "Euler a", "Schedule type": "Karras", "CFG scale": 4.5, "Seed": 98765,
+        "Size": "64x72", "Clip skip": 2,
+    })
+    png = tmp_path / "dropped.png"
+    infotext.save_png_with_infotext(Image.new("RGB", (64, 72), (10, 200, 10)), png, text)
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image").wait_for()
+    page.evaluate(
+        """async ([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, { type: "image/png" }));
+            const target = document.querySelector("#pnginfo_image [aria-label='Click to upload or drop files']")
+                || document.querySelector("#pnginfo_image");
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                target.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: data }));
+            }
+        }""",
+        [base64.b64encode(png.read_bytes()).decode(), "dropped.png"],
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_text textarea')?.value.includes('a dropped prompt')"
+    )
+    shot(page, "pnginfo-dropped")
+    page.click("#pnginfo_send_to_txt2img")
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_prompt textarea')?.value === 'a dropped prompt'"
+    )
+    assert page.locator("#txt2img_generate").is_visible()
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "low quality"
+    assert page.locator("#txt2img_steps input[type=number]").input_value() == "13"
+    assert page.locator("#txt2img_cfg_scale input[type=number]").input_value() == "4.5"
+    assert page.locator("#txt2img_seed input").input_value() == "98765"
+    assert page.locator("#txt2img_height input[type=number]").input_value() == "72"
+    assert page.locator("#clip_skip input[type=number]").input_value() == "2"
+    assert page.locator("#txt2img_sampler input").input_value() == "Euler a"
+    assert page.locator("#txt2img_scheduler input").input_value() == "Karras"
+    shot(page, "pnginfo-sent-to-txt2img")
+
+
+def test_bad_input_shows_a_readable_error(page):
+    page.get_by_role("tab", name="img2img").click()
+    page.fill("#img2img_prompt textarea", "no image here")
+    page.click("#img2img_generate")
+    page.get_by_text("img2img needs an input image").first.wait_for()
+    shot(page, "img2img-error")
+    # the server keeps serving
+    page.get_by_role("tab", name="txt2img").click()
+    page.fill("#txt2img_prompt textarea", "still works")
+    set_number(page, "txt2img_steps", 4)
+    page.click("#txt2img_generate")
+    wait_done(page, "txt2img")
+    assert result_image(page, "txt2img").size == (64, 64)

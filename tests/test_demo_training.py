@@ -1,0 +1,89 @@
+"""Smoke test of the demo model's training recipe: every stage for a couple of steps, tiny sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm_core.config import TextEncoderConfig, UNetConfig, VAEConfig
+from ldm_core.loader import load_checkpoint
+from ldm_core.training import autoencoder as ae_mod
+from ldm_core.training import ldm as ldm_mod
+from ldm_core.training import world
+
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=1.0)
+TINY_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1)
+TINY_UNET = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 1),
+    num_res_blocks=1,
+    transformer_depth=(1, 0),
+    transformer_depth_middle=1,
+    context_dim=64,
+    num_heads=8,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_time_cosine_lr_warms_up_then_decays():
+    assert ae_mod.time_cosine_lr(1.0, 0, 0.0, 10, 0.1) == pytest.approx(0.1)
+    assert ae_mod.time_cosine_lr(1.0, 100, 0.0, 10, 0.1) == pytest.approx(1.0)
+    assert ae_mod.time_cosine_lr(1.0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_tokenize_pads_with_eos_like_sd1():
+    ids = ldm_mod.tokenize(["a red circle", ""])
+    assert ids.shape == (2, 77)
+    assert ids[0, 0] == 49406 and ids[1, 0] == 49406
+    assert (ids[1, 1:] == 49407).all()
+    assert ids[0, -1] == 49407
+
+
+def test_recipe_stages_end_to_end(tmp_path):
+    ae_cfg = ae_mod.AETrainConfig(minutes=1.0, batch_size=2, max_steps=2, bf16=False, threads=1)
+    ae = ae_mod.train_autoencoder(tmp_path, ae_cfg, TINY_VAE, resume=False)
+    assert (tmp_path / "ae_state.pt").exists()
+    ae_cfg.max_steps = 3  # resumes at step 2 and runs one more step
+    ae = ae_mod.train_autoencoder(tmp_path, ae_cfg, TINY_VAE, resume=True)
+    assert torch.load(tmp_path / "ae_state.pt", weights_only=True)["step"] == 3
+
+    scale_factor = ae_mod.latent_scale_factor(ae, num_images=8)
+    assert scale_factor > 0
+
+    def constant_judge(images):  # stands in for the trained judge
+        return {a: torch.zeros(len(images), dtype=torch.long) for a in world.ATTRIBUTES}
+
+    gate = ae_mod.gate_autoencoder(ae, constant_judge, num_images=4)
+    assert gate["passed"] and set(gate["renders"]) == set(world.ATTRIBUTES)
+
+    data = ldm_mod.precompute_latents(ae, scale_factor, num=6, seed=1, chunk=4)
+    assert data.latents.shape == (6, 4, 8, 8) and len(data.scenes) == 6
+    ldm_mod.save_dataset(data, tmp_path)
+    loaded = ldm_mod.load_dataset(tmp_path)
+    assert loaded.scenes == data.scenes and torch.equal(loaded.latents, data.latents)
+
+    ldm_cfg = ldm_mod.LDMTrainConfig(minutes=1.0, batch_size=4, max_steps=2, threads=1)
+    kwargs = {"unet_config": TINY_UNET, "text_config": TINY_TEXT}
+    models = ldm_mod.train_ldm(tmp_path, data, ldm_cfg, resume=False, **kwargs)
+    ldm_cfg.max_steps = 3
+    models = ldm_mod.train_ldm(tmp_path, data, ldm_cfg, resume=True, **kwargs)
+    assert torch.load(tmp_path / "ldm_state.pt", weights_only=True)["step"] == 3
+
+    out = tmp_path / "demo.safetensors"
+    meta = ldm_mod.demo_metadata(scale_factor, gate, models, ae)
+    diffs = ldm_mod.export_demo(out, models, ae, scale_factor, meta)
+    assert max(diffs.values()) < 1e-3
+
+    ckpt = load_checkpoint(out)
+    assert ckpt.scale_factor == pytest.approx(scale_factor, rel=1e-3)
+    assert ckpt.spec.unet.model_channels == 32 and ckpt.spec.text_encoders[0].hidden_size == 64
+    assert ckpt.metadata["ldm.default_size"] == "64"
+    latents = ldm_mod.generate_latents(ckpt.unet, ckpt.text_encoders[0], ["a red circle"], steps=2)
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
