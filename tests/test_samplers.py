@@ -98,7 +98,39 @@ def tiny_net_denoiser():
     return model
 
 
-MODELS = {"gaussian": lambda: gaussian_denoiser, "tiny_net": tiny_net_denoiser}
+def tiny_unet_denoiser():
+    """Our real UNet class at a tiny config, with a fixed text context."""
+    from ldm_core.config import UNetConfig
+    from ldm_core.nn.unet import UNetModel
+
+    torch.manual_seed(4321)
+    cfg = UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        transformer_depth=(1, 0),
+        context_dim=32,
+    )
+    unet = UNetModel(cfg).double().eval().requires_grad_(False)
+    context = torch.randn(1, 7, 32, dtype=torch.float64)
+
+    def model(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        eps = unet(
+            MS.calculate_input(sigma, x),
+            MS.sigma_to_t(sigma),
+            context=context.expand(x.shape[0], -1, -1),
+        )
+        return MS.calculate_denoised(sigma, eps, x)
+
+    return model
+
+
+MODELS = {
+    "gaussian": lambda: gaussian_denoiser,
+    "tiny_net": tiny_net_denoiser,
+    "tiny_unet": tiny_unet_denoiser,
+}
 
 
 def seeded_noise(seed, shape=SHAPE):
