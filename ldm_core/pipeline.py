@@ -11,42 +11,45 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from ldm_core import conditioning, infotext, rng, samplers, schedules
+from ldm_core import conditioning, images, infotext, rng, samplers, schedules
 from ldm_core.config import Prediction
 from ldm_core.denoiser import GuidedDenoiser, cfg_rescale
+from ldm_core.images import (
+    outpaint_pad,
+    pil_to_tensor,
+    resize_image,
+    tensor_to_pil,
+)
+from ldm_core.params import (
+    LATENT_UPSCALERS,
+    MASKED_CONTENT,
+    MAX_BATCH,
+    MAX_PIXELS,
+    MAX_STEPS,
+    PIXEL_UPSCALERS,
+    RESIZE_MODES,
+    VERSION,
+    CancelToken,
+    GenerationError,
+    GenerationParams,
+    GenerationResult,
+    Interrupted,
+    OnStep,
+    ProgressEvent,
+    validate,
+)
 from ldm_core.patcher import ModelHandle, PostCFGArgs
 
 log = logging.getLogger(__name__)
-
-VERSION = "ldm-webui 0.1"
-MAX_PIXELS = 4096 * 4096
-MAX_STEPS = 1000
-MAX_BATCH = 64
-RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
-LATENT_UPSCALERS = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-PIXEL_UPSCALERS = {
-    "Lanczos": Image.Resampling.LANCZOS,
-    "Nearest": Image.Resampling.NEAREST,
-    "Bicubic": Image.Resampling.BICUBIC,
-}
 
 # Linear latent -> RGB factors for the SD1/SD2 VAE latent space (ldm-formats.md §7.2).
 SD_LATENT_RGB = torch.tensor(
@@ -57,318 +60,6 @@ SD_LATENT_RGB = torch.tensor(
         [-0.2120, -0.2616, -0.7177],
     ]
 )
-
-
-class GenerationError(ValueError):
-    """Bad generation parameters, with a message meant for the user."""
-
-
-class Interrupted(Exception):
-    """Raised inside the sampling loop when the job's cancel token is set."""
-
-
-class CancelToken:
-    """Per-job interrupt / skip flags, checked every step and between batch items."""
-
-    def __init__(self) -> None:
-        self._interrupt = threading.Event()
-        self._skip = threading.Event()
-
-    def interrupt(self) -> None:
-        self._interrupt.set()
-
-    def skip(self) -> None:
-        self._skip.set()
-
-    @property
-    def interrupted(self) -> bool:
-        return self._interrupt.is_set()
-
-    def take_skip(self) -> bool:
-        if self._skip.is_set():
-            self._skip.clear()
-            return True
-        return False
-
-    def check(self) -> None:
-        if self._interrupt.is_set() or self._skip.is_set():
-            raise Interrupted
-
-
-@dataclass
-class GenerationParams:
-    """Everything a generation depends on; field names follow A1111's API where it has one."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler_name: str = "DPM++ 2M"
-    scheduler: str = "Automatic"
-    cfg_scale: float = 7.0
-    cfg_rescale: float = 0.0
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_w: int = 0
-    seed_resize_from_h: int = 0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    n_iter: int = 1
-    clip_skip: int = 1
-    eta_noise_seed_delta: int = 0
-    # img2img / inpaint
-    init_image: Image.Image | None = None
-    denoising_strength: float = 0.75
-    resize_mode: int = 0
-    mask: Image.Image | None = None
-    mask_blur: int = 4
-    inpainting_fill: int = 1
-    inpaint_full_res: bool = False
-    inpaint_full_res_padding: int = 32
-    inpainting_mask_invert: bool = False
-    # hires fix (txt2img)
-    enable_hr: bool = False
-    hr_scale: float = 2.0
-    hr_upscaler: str = "Latent"
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_denoising_strength: float = 0.7
-    # output
-    preview_every: int = 0  # 0: no previews
-    preview_method: str = "auto"  # "cheap" linear factors, "full" VAE decode, "auto"
-
-    def to_record(self) -> dict:
-        d = asdict(self)
-        d.pop("init_image")
-        d.pop("mask")
-        return d
-
-
-@dataclass
-class ProgressEvent:
-    """One step of one batch: what the UI needs for a progress bar and preview."""
-
-    step: int
-    total_steps: int
-    batch_index: int
-    batch_count: int
-    sigma: float
-    elapsed: float
-    preview: Image.Image | None = None
-    phase: str = "sampling"  # "sampling" | "hires"
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    seeds: list[int]
-    subseeds: list[int]
-    infotexts: list[str]
-    params: GenerationParams
-    records: list[dict] = field(default_factory=list)
-    interrupted: bool = False
-    seconds: float = 0.0
-
-    @property
-    def info(self) -> str:
-        return self.infotexts[0] if self.infotexts else ""
-
-
-OnStep = Callable[[ProgressEvent], None]
-
-
-# -- validation --------------------------------------------------------------------------------
-
-
-def validate(
-    params: GenerationParams, *, needs_image: bool = False, needs_mask: bool = False
-) -> GenerationParams:
-    """Check ranges and return params with sizes snapped to multiples of 8."""
-    p = replace(params)
-
-    def bad(msg: str) -> None:
-        raise GenerationError(msg)
-
-    for name in ("width", "height"):
-        v = getattr(p, name)
-        if not isinstance(v, int | float) or v < 8:
-            bad(f"{name} must be at least 8 pixels, got {v}")
-        setattr(p, name, int(v) // 8 * 8)
-    if p.width * p.height > MAX_PIXELS:
-        bad(f"size {p.width}x{p.height} is too large (at most {MAX_PIXELS:,} pixels)")
-    if not (1 <= int(p.steps) <= MAX_STEPS):
-        bad(f"steps must be between 1 and {MAX_STEPS}, got {p.steps}")
-    if not (1 <= int(p.batch_size) <= MAX_BATCH) or not (1 <= int(p.n_iter) <= MAX_BATCH * 16):
-        bad(f"batch size must be 1-{MAX_BATCH} and batch count 1-{MAX_BATCH * 16}")
-    if not math.isfinite(p.cfg_scale) or not (0 <= p.cfg_scale <= 100):
-        bad(f"CFG scale must be between 0 and 100, got {p.cfg_scale}")
-    if not (0 <= p.cfg_rescale <= 1):
-        bad(f"CFG rescale must be between 0 and 1, got {p.cfg_rescale}")
-    if not (0 <= p.denoising_strength <= 1) or not (0 <= p.hr_denoising_strength <= 1):
-        bad("denoising strength must be between 0 and 1")
-    if not (0 <= p.subseed_strength <= 1):
-        bad("variation strength must be between 0 and 1")
-    if not (1 <= p.clip_skip <= 12):
-        bad(f"clip skip must be between 1 and 12, got {p.clip_skip}")
-    if p.resize_mode not in range(len(RESIZE_MODES)):
-        bad(f"resize mode must be 0-{len(RESIZE_MODES) - 1}")
-    if p.inpainting_fill not in range(len(MASKED_CONTENT)):
-        bad(f"masked content must be 0-{len(MASKED_CONTENT) - 1}")
-    if p.mask_blur < 0 or p.inpaint_full_res_padding < 0:
-        bad("mask blur and padding must not be negative")
-    try:
-        samplers.resolve_sampler_name(p.sampler_name, p.scheduler)
-    except (KeyError, ValueError) as exc:
-        bad(f"unknown sampler or schedule: {exc}")
-    if p.enable_hr and (
-        p.hr_upscaler not in LATENT_UPSCALERS and p.hr_upscaler not in PIXEL_UPSCALERS
-    ):
-        bad(
-            f"unknown hires upscaler {p.hr_upscaler!r}; choose from {[*LATENT_UPSCALERS, *PIXEL_UPSCALERS]}"
-        )
-    if needs_image and p.init_image is None:
-        bad("an input image is required")
-    if needs_mask and p.mask is None:
-        bad("a mask is required for inpainting (paint over the area to change)")
-    p.steps, p.batch_size, p.n_iter = int(p.steps), int(p.batch_size), int(p.n_iter)
-    return p
-
-
-# -- image helpers -------------------------------------------------------------------------------
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, H, W] in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> RGB PIL images."""
-    arr = (
-        ((images.float().clamp(-1, 1) + 1) * 127.5)
-        .round()
-        .to(torch.uint8)
-        .permute(0, 2, 3, 1)
-        .cpu()
-        .numpy()
-    )
-    return [Image.fromarray(a) for a in arr]
-
-
-def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
-    """A1111's resize modes: stretch, cover + centre crop, contain + fill the bars."""
-    image = image.convert("RGB")
-    lanczos = Image.Resampling.LANCZOS
-    if mode in (0, 3):
-        return image.resize((width, height), lanczos)
-    src_ratio = image.width / image.height
-    ratio = width / height
-    if mode == 1:
-        scale = width / image.width if ratio > src_ratio else height / image.height
-        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-        resized = image.resize((w, h), lanczos)
-        left, top = (w - width) // 2, (h - height) // 2
-        return resized.crop((left, top, left + width, top + height))
-    scale = width / image.width if ratio < src_ratio else height / image.height
-    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    resized = image.resize((w, h), lanczos)
-    out = Image.new("RGB", (width, height))
-    left, top = (width - w) // 2, (height - h) // 2
-    out.paste(resized, (left, top))
-    # Fill the bars by stretching the outermost rows/columns, as A1111 does.
-    if top > 0:
-        out.paste(resized.crop((0, 0, w, 1)).resize((w, top)), (left, 0))
-        out.paste(resized.crop((0, h - 1, w, h)).resize((w, height - top - h)), (left, top + h))
-    if left > 0:
-        out.paste(resized.crop((0, 0, 1, h)).resize((left, h)), (0, top))
-        out.paste(resized.crop((w - 1, 0, w, h)).resize((width - left - w, h)), (left + w, top))
-    return out
-
-
-def outpaint_pad(
-    image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0
-) -> tuple[Image.Image, Image.Image]:
-    """Extend the canvas for outpainting: new borders continue the edge pixels, and the
-    returned mask is white exactly over the new area (inpaint it with masked content "fill")."""
-    if min(left, right, top, bottom) < 0:
-        raise GenerationError("outpainting amounts must not be negative")
-    image = image.convert("RGB")
-    w, h = image.width + left + right, image.height + top + bottom
-    arr = np.asarray(image)
-    padded = np.pad(arr, ((top, bottom), (left, right), (0, 0)), mode="edge")
-    mask = np.full((h, w), 255, dtype=np.uint8)
-    mask[top : top + image.height, left : left + image.width] = 0
-    return Image.fromarray(padded), Image.fromarray(mask, "L")
-
-
-def _mask_bbox(
-    mask: np.ndarray, pad: int, width: int, height: int
-) -> tuple[int, int, int, int] | None:
-    """Padded box around the mask, grown to the target aspect ratio (A1111's "only masked")."""
-    ys, xs = np.nonzero(mask > 0)
-    if len(xs) == 0:
-        return None
-    h, w = mask.shape
-    x1, y1, x2, y2 = (
-        max(xs.min() - pad, 0),
-        max(ys.min() - pad, 0),
-        min(xs.max() + 1 + pad, w),
-        min(ys.max() + 1 + pad, h),
-    )
-    ratio = width / height
-    bw, bh = x2 - x1, y2 - y1
-    if bw / bh < ratio:
-        grow = round(bh * ratio) - bw
-        x1, x2 = x1 - grow // 2, x2 + grow - grow // 2
-    else:
-        grow = round(bw / ratio) - bh
-        y1, y2 = y1 - grow // 2, y2 + grow - grow // 2
-    # shift back inside the image, then clip
-    if x1 < 0:
-        x2, x1 = x2 - x1, 0
-    if y1 < 0:
-        y2, y1 = y2 - y1, 0
-    if x2 > w:
-        x1, x2 = max(x1 - (x2 - w), 0), w
-    if y2 > h:
-        y1, y2 = max(y1 - (y2 - h), 0), h
-    return int(x1), int(y1), int(x2), int(y2)
-
-
-def _fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """Masked content "fill": replace the masked area with blurred colours from around it."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    m = (np.asarray(mask) > 127)[..., None]
-    if not m.any():
-        return image.convert("RGB")
-    keep = (~m).astype(np.float32)
-    acc, weight = rgb * keep, keep.copy()
-    out = rgb * keep
-    known = ~m[..., 0]
-    for radius in (256, 64, 16, 4, 2, 1):
-        blurred_acc = np.asarray(
-            Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8)).filter(
-                ImageFilter.BoxBlur(radius)
-            ),
-            dtype=np.float32,
-        )
-        blurred_w = (
-            np.asarray(
-                Image.fromarray((weight[..., 0] * 255).astype(np.uint8)).filter(
-                    ImageFilter.BoxBlur(radius)
-                ),
-                dtype=np.float32,
-            )[..., None]
-            / 255
-        )
-        est = blurred_acc / np.maximum(blurred_w, 1e-3)
-        fill = (~known)[..., None] & (blurred_w > 1e-3)
-        out = np.where(fill, est, out)
-    out = np.where(m, out, rgb)
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
 # -- previews -------------------------------------------------------------------------------------
@@ -857,7 +548,7 @@ def inpaint(
 
     crop_box = None
     if p.inpaint_full_res:
-        crop_box = _mask_bbox(hard, p.inpaint_full_res_padding, p.width, p.height)
+        crop_box = images.mask_bbox(hard, p.inpaint_full_res_padding, p.width, p.height)
         work = source.crop(crop_box).resize((p.width, p.height), Image.Resampling.LANCZOS)
         work_paint = (
             Image.fromarray((paint * 255).astype(np.uint8))
@@ -870,7 +561,7 @@ def inpaint(
             (p.width, p.height), Image.Resampling.BILINEAR
         )
     if p.inpainting_fill == 0:
-        work = _fill_masked(work, work_paint.point(lambda v: 255 if v > 127 else 0))
+        work = images.fill_masked(work, work_paint.point(lambda v: 255 if v > 127 else 0))
 
     def batch(job: _Job, seeds, subseeds, enc):
         ckpt = job.handle.checkpoint
@@ -914,29 +605,11 @@ def inpaint(
             fill_noise_mask=p.inpainting_fill == 2,
         )
         generated = tensor_to_pil(_decode(ckpt, samples))
-        return [_paste_back(g, source, alpha, crop_box) for g in generated], _inpaint_extra(p)
+        return [images.paste_back(g, source, alpha, crop_box) for g in generated], _inpaint_extra(p)
 
     return _run(
         checkpoint, p, on_step=on_step, cancel=cancel, embeddings=embeddings, batch_fn=batch
     )
-
-
-def _paste_back(
-    generated: Image.Image, source: Image.Image, alpha: np.ndarray, crop_box
-) -> Image.Image:
-    """Composite the generated pixels over the source with `alpha` (0 outside the mask)."""
-    if crop_box is not None:
-        x1, y1, x2, y2 = crop_box
-        full = source.copy()
-        full.paste(generated.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
-        generated = full
-    else:
-        generated = generated.resize(source.size, Image.Resampling.LANCZOS)
-    g = np.asarray(generated, dtype=np.float32)
-    s = np.asarray(source, dtype=np.float32)
-    a = alpha[..., None]
-    out = np.where(a > 0, g * a + s * (1 - a), s)
-    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 
 def _inpaint_extra(p: GenerationParams) -> dict:
@@ -951,6 +624,13 @@ def _inpaint_extra(p: GenerationParams) -> dict:
 
 
 __all__ = [
+    "LATENT_UPSCALERS",
+    "MASKED_CONTENT",
+    "MAX_BATCH",
+    "MAX_PIXELS",
+    "MAX_STEPS",
+    "PIXEL_UPSCALERS",
+    "RESIZE_MODES",
     "CancelToken",
     "GenerationError",
     "GenerationParams",
@@ -961,6 +641,8 @@ __all__ = [
     "inpaint",
     "latent_preview",
     "outpaint_pad",
+    "pil_to_tensor",
     "resize_image",
+    "tensor_to_pil",
     "txt2img",
 ]

@@ -50,7 +50,9 @@ class AETrainConfig:
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
 
 
-def time_cosine_lr(base_lr: float, step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:
+def time_cosine_lr(
+    base_lr: float, step: int, progress: float, warmup_steps: int, min_ratio: float
+) -> float:
     """Linear warm-up over steps, then cosine decay over the fraction of the time budget used."""
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
@@ -86,7 +88,11 @@ class ThreadTuner:
                 torch.set_num_threads(self.current)
                 log.info(
                     "threads: %d -> %.2f s/step, %d -> %.2f s/step; using %d",
-                    1 if other == self.max_threads else self.max_threads, base, other, alt, self.current,
+                    1 if other == self.max_threads else self.max_threads,
+                    base,
+                    other,
+                    alt,
+                    self.current,
                 )
                 self.trial, self.since, self.history = None, 0, []
             return
@@ -123,7 +129,10 @@ def world_batch(seed: int, step: int, batch_size: int) -> world.WorldBatch:
 
 
 def autoencoder_loss(
-    ae: AutoencoderKL, images: torch.Tensor, cfg: AETrainConfig, generator: torch.Generator | None = None
+    ae: AutoencoderKL,
+    images: torch.Tensor,
+    cfg: AETrainConfig,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 + low-res L1) + KL of a posterior draw. images [B, 3, H, W]."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -183,7 +192,12 @@ def train_autoencoder(
     def checkpoint() -> None:
         _save(
             state_path,
-            {"model": ae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.monotonic() - start},
+            {
+                "model": ae.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": time.monotonic() - start,
+            },
         )
 
     while True:
@@ -213,7 +227,12 @@ def train_autoencoder(
             means = " ".join(f"{k}={v / window_steps:.4f}" for k, v in sums.items())
             log.info(
                 "ae step %d  %s  lr=%.2e  %.2f steps/s  %.1f/%.0f min",
-                step, means, lr, rate, (time.monotonic() - start) / 60, cfg.minutes,
+                step,
+                means,
+                lr,
+                rate,
+                (time.monotonic() - start) / 60,
+                cfg.minutes,
             )
             window_t, window_steps, sums = time.monotonic(), 0, {}
         if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
@@ -226,7 +245,9 @@ def train_autoencoder(
 
 
 @torch.no_grad()
-def encode_means(ae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+def encode_means(
+    ae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256, bf16: bool = False
+) -> torch.Tensor:
     """Posterior means [B, 4, h, w] (unscaled), in batches."""
     out = []
     for i in range(0, len(images), batch_size):
@@ -252,11 +273,15 @@ def latent_scale_factor(ae: AutoencoderKL, num_images: int = 4096, seed: int = 1
     return float(1.0 / means.float().std())
 
 
-Judge = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [B,3,H,W] -> attr -> class ids [B]
+Judge = Callable[
+    [torch.Tensor], dict[str, torch.Tensor]
+]  # images [B,3,H,W] -> attr -> class ids [B]
 
 
 @torch.no_grad()
-def judge_accuracy(judge: Judge, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+def judge_accuracy(
+    judge: Judge, images: torch.Tensor, labels: dict[str, torch.Tensor]
+) -> dict[str, float]:
     preds = judge(images)
     return {a: float((preds[a] == labels[a]).float().mean()) for a in labels if a in preds}
 

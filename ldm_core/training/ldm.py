@@ -36,7 +36,9 @@ from ldm_core.training.autoencoder import StopFlag, ThreadTuner, encode_means, t
 log = logging.getLogger(__name__)
 
 # Text heads are hidden // 64 (detection's rule), so 128 wide -> 2 heads.
-DEMO_TEXT_CONFIG = TextEncoderConfig(hidden_size=128, intermediate_size=512, num_layers=3, num_heads=2)
+DEMO_TEXT_CONFIG = TextEncoderConfig(
+    hidden_size=128, intermediate_size=512, num_layers=3, num_heads=2
+)
 # SD1 layout (conv proj_in, 8 heads per attention layer): 64-128-128 channels at 8/4/2 latent cells.
 DEMO_UNET_CONFIG = UNetConfig(
     model_channels=64,
@@ -102,9 +104,13 @@ def precompute_latents(
         latents.append(encode_means(ae, batch.images, bf16=bf16) * scale_factor)
         scenes.extend(batch.scenes)
         if (start // chunk) % 10 == 0:
-            log.info("latents: %d/%d (%.0f s)", start + len(batch.scenes), num, time.monotonic() - t0)
+            log.info(
+                "latents: %d/%d (%.0f s)", start + len(batch.scenes), num, time.monotonic() - t0
+            )
     data = torch.cat(latents)
-    log.info("latents: %s, std %.3f, %.0f s", tuple(data.shape), float(data.std()), time.monotonic() - t0)
+    log.info(
+        "latents: %s, std %.3f, %.0f s", tuple(data.shape), float(data.std()), time.monotonic() - t0
+    )
     return LatentDataset(data, scenes, scale_factor)
 
 
@@ -230,8 +236,10 @@ def train_ldm(
         log.info("ldm: resumed at step %d (%.1f min done)", step, elapsed / 60)
     log.info(
         "ldm: unet %.2fM, text encoder %.2fM parameters, %d latents, config %s",
-        count_parameters(models.unet) / 1e6, count_parameters(models.text_encoder) / 1e6,
-        len(data.scenes), asdict(cfg),
+        count_parameters(models.unet) / 1e6,
+        count_parameters(models.text_encoder) / 1e6,
+        len(data.scenes),
+        asdict(cfg),
     )
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas()).float()
     n = len(data.scenes)
@@ -275,8 +283,13 @@ def train_ldm(
         for group in opt.param_groups:
             group["lr"] = lr
         loss = diffusion_loss(
-            models, data.latents[torch.from_numpy(idx)], input_ids, alphas_cumprod,
-            cfg.min_snr_gamma, generator, cfg.bf16,
+            models,
+            data.latents[torch.from_numpy(idx)],
+            input_ids,
+            alphas_cumprod,
+            cfg.min_snr_gamma,
+            generator,
+            cfg.bf16,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,16 +305,31 @@ def train_ldm(
             rate = window_steps / max(1e-9, time.monotonic() - window_t)
             log.info(
                 "ldm step %d  loss=%.4f  lr=%.2e  %.2f steps/s  %.1f/%.0f min",
-                step, loss_sum / window_steps, lr, rate, (time.monotonic() - start) / 60, cfg.minutes,
+                step,
+                loss_sum / window_steps,
+                lr,
+                rate,
+                (time.monotonic() - start) / 60,
+                cfg.minutes,
             )
             window_t, window_steps, loss_sum = time.monotonic(), 0, 0.0
         if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.monotonic()
-        if judge is not None and vae is not None and time.monotonic() - last_eval > cfg.eval_minutes * 60:
+        if (
+            judge is not None
+            and vae is not None
+            and time.monotonic() - last_eval > cfg.eval_minutes * 60
+        ):
             ema = DemoModels(ema_unet.module, ema_text.module)
-            acc = evaluate_adherence(ema, vae, data.scale_factor, judge, num_prompts=cfg.eval_prompts)
-            log.info("ldm eval at step %d (EMA): %s", step, " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+            acc = evaluate_adherence(
+                ema, vae, data.scale_factor, judge, num_prompts=cfg.eval_prompts
+            )
+            log.info(
+                "ldm eval at step %d (EMA): %s",
+                step,
+                " ".join(f"{k}={v:.3f}" for k, v in acc.items()),
+            )
             last_eval = time.monotonic()
     checkpoint()
     log.info("ldm: done, %d steps in %.1f min", step, (time.monotonic() - start) / 60)
@@ -349,8 +377,16 @@ def generate_latents(
 
 @torch.no_grad()
 def evaluate_adherence(
-    models: DemoModels, vae: AutoencoderKL, scale_factor: float, judge, *, num_prompts: int = 112, seed: int = 4242,
-    steps: int = 20, guidance_scale: float = 5.0, batch_size: int = 56,
+    models: DemoModels,
+    vae: AutoencoderKL,
+    scale_factor: float,
+    judge,
+    *,
+    num_prompts: int = 112,
+    seed: int = 4242,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    batch_size: int = 56,
 ) -> dict[str, float]:
     """Judge accuracy per attribute on images generated from held-out benchmark prompts."""
     pairs = world.benchmark_prompts(num_prompts, seed)
@@ -359,8 +395,12 @@ def evaluate_adherence(
     images = []
     for i in range(0, num_prompts, batch_size):
         lat = generate_latents(
-            models.unet, models.text_encoder, prompts[i : i + batch_size],
-            steps=steps, guidance_scale=guidance_scale, seed=seed + i,
+            models.unet,
+            models.text_encoder,
+            prompts[i : i + batch_size],
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed + i,
         )
         images.append(vae.decode(lat / scale_factor).clamp(-1, 1))
     preds = judge(torch.cat(images))
@@ -371,12 +411,18 @@ def evaluate_adherence(
 
 
 def stage_latents(args, workdir: Path, ae: AutoencoderKL, scale_factor: float) -> LatentDataset:
-    if (workdir / "latents.pt").exists() and (workdir / "scenes.json").exists() and not args.no_resume:
+    if (
+        (workdir / "latents.pt").exists()
+        and (workdir / "scenes.json").exists()
+        and not args.no_resume
+    ):
         data = load_dataset(workdir)
         if abs(data.scale_factor - scale_factor) < 1e-6 and len(data.scenes) == args.num_latents:
             log.info("latents: loaded %d from %s", len(data.scenes), workdir)
             return data
-    data = precompute_latents(ae, scale_factor, args.num_latents, seed=args.seed * 1_000_003 + 99_991)
+    data = precompute_latents(
+        ae, scale_factor, args.num_latents, seed=args.seed * 1_000_003 + 99_991
+    )
     save_dataset(data, workdir)
     return data
 
@@ -395,13 +441,23 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
     cfg = LDMTrainConfig(minutes=args.ldm_minutes, seed=args.seed, threads=args.threads)
     models = train_ldm(workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae)
     torch.save(
-        {"unet": models.unet.state_dict(), "text_encoder": models.text_encoder.state_dict(), "config": asdict(cfg)},
+        {
+            "unet": models.unet.state_dict(),
+            "text_encoder": models.text_encoder.state_dict(),
+            "config": asdict(cfg),
+        },
         final,
     )
     return models
 
 
-def demo_metadata(scale_factor: float, gate: dict | None, models: DemoModels, vae: AutoencoderKL, extra: dict | None = None) -> dict[str, str]:
+def demo_metadata(
+    scale_factor: float,
+    gate: dict | None,
+    models: DemoModels,
+    vae: AutoencoderKL,
+    extra: dict | None = None,
+) -> dict[str, str]:
     """`__metadata__` of the shipped file: what it is, what it draws and how it was made."""
     meta = {
         "modelspec.title": "demo-shapes",
@@ -432,14 +488,20 @@ def demo_metadata(scale_factor: float, gate: dict | None, models: DemoModels, va
         "ldm.params.vae": str(count_parameters(vae)),
     }
     if gate is not None:
-        meta["ldm.ae_gate"] = json.dumps({k: gate[k] for k in ("renders", "reconstructions", "passed")})
+        meta["ldm.ae_gate"] = json.dumps(
+            {k: gate[k] for k in ("renders", "reconstructions", "passed")}
+        )
     meta.update(extra or {})
     return meta
 
 
 @torch.no_grad()
 def export_demo(
-    path: str | Path, models: DemoModels, vae: AutoencoderKL, scale_factor: float, metadata: dict[str, str]
+    path: str | Path,
+    models: DemoModels,
+    vae: AutoencoderKL,
+    scale_factor: float,
+    metadata: dict[str, str],
 ) -> dict[str, float]:
     """Write the SD1 single file in fp16 and check that `load_checkpoint` reproduces the networks.
 
@@ -451,12 +513,19 @@ def export_demo(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_components(
-        path, unet=models.unet, vae=vae, text_encoder=models.text_encoder,
-        scale_factor=scale_factor, metadata=metadata, dtype=torch.float16,
+        path,
+        unet=models.unet,
+        vae=vae,
+        text_encoder=models.text_encoder,
+        scale_factor=scale_factor,
+        metadata=metadata,
+        dtype=torch.float16,
     )
     ckpt = load_checkpoint(path, device="cpu", dtype=torch.float32)
     if abs(ckpt.scale_factor - scale_factor) > 1e-3 * scale_factor:
-        raise RuntimeError(f"{path}: scale factor {ckpt.scale_factor} after loading, expected {scale_factor}")
+        raise RuntimeError(
+            f"{path}: scale factor {ckpt.scale_factor} after loading, expected {scale_factor}"
+        )
 
     def rounded(module: nn.Module) -> nn.Module:
         return copy.deepcopy(module).half().float().eval()
@@ -478,6 +547,13 @@ def export_demo(
     return diffs
 
 
-def stage_export(args, workdir: Path, models: DemoModels, vae: AutoencoderKL, scale_factor: float, gate: dict | None):
+def stage_export(
+    args,
+    workdir: Path,
+    models: DemoModels,
+    vae: AutoencoderKL,
+    scale_factor: float,
+    gate: dict | None,
+):
     meta = demo_metadata(scale_factor, gate, models, vae)
     return export_demo(args.out, models, vae, scale_factor, meta)

@@ -77,7 +77,9 @@ def stage_autoencoder(args, workdir: Path):
     ae = ae_mod.train_autoencoder(workdir, cfg, vae_config, resume=not args.no_resume)
     scale_factor = ae_mod.latent_scale_factor(ae)
     log.info("autoencoder: scale factor %.5f (%.1f s)", scale_factor, time.monotonic() - t0)
-    torch.save({"model": ae.state_dict(), "scale_factor": scale_factor, "config": asdict(cfg)}, final)
+    torch.save(
+        {"model": ae.state_dict(), "scale_factor": scale_factor, "config": asdict(cfg)}, final
+    )
     return ae, scale_factor
 
 
@@ -92,14 +94,19 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     result = ae_mod.gate_autoencoder(ae, judge)
     path.write_text(json.dumps(result, indent=2))
     if not result["passed"] and not args.skip_gate:
-        raise SystemExit("autoencoder gate failed: the judge reads reconstructions worse than renders")
+        raise SystemExit(
+            "autoencoder gate failed: the judge reads reconstructions worse than renders"
+        )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout, force=True
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
     )
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)

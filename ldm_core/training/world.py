@@ -112,7 +112,9 @@ class Scene:
         if not 1 <= len(self.objects) <= 2:
             raise ValueError(f"a scene holds one or two objects, got {len(self.objects)}")
         if self.background not in COLOURS:
-            raise ValueError(f"unknown background {self.background!r}; expected one of {COLOUR_NAMES}")
+            raise ValueError(
+                f"unknown background {self.background!r}; expected one of {COLOUR_NAMES}"
+            )
         if any(o.colour == self.background for o in self.objects):
             raise ValueError(f"an object has the background colour {self.background!r}")
         object.__setattr__(self, "objects", tuple(self.objects))
@@ -244,19 +246,32 @@ def make_object(
     angle = rng.uniform(-ANGLE_JITTER, ANGLE_JITTER)
     scale = rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER)
     return SceneObject(
-        shape, colour, size, position, float(dx), float(dy), 0.0 if shape == "circle" else float(angle), float(scale)
+        shape,
+        colour,
+        size,
+        position,
+        float(dx),
+        float(dy),
+        0.0 if shape == "circle" else float(angle),
+        float(scale),
     )
 
 
 def _sample_object(
-    rng: np.random.Generator, exclude_colours: Sequence[str] = (), exclude_positions: Sequence[str] = ()
+    rng: np.random.Generator,
+    exclude_colours: Sequence[str] = (),
+    exclude_positions: Sequence[str] = (),
 ) -> SceneObject:
     colours = [c for c in COLOUR_NAMES if c not in exclude_colours]
     positions = [p for p in POSITION_NAMES if p not in exclude_positions]
-    return make_object(rng, _pick(rng, SHAPES), _pick(rng, colours), _pick(rng, SIZES), _pick(rng, positions))
+    return make_object(
+        rng, _pick(rng, SHAPES), _pick(rng, colours), _pick(rng, SIZES), _pick(rng, positions)
+    )
 
 
-def sample_scene(rng: np.random.Generator, two_object_prob: float = DEFAULT_TWO_OBJECT_PROB) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, two_object_prob: float = DEFAULT_TWO_OBJECT_PROB
+) -> Scene:
     """A random scene: one object, or with probability `two_object_prob` two that don't touch."""
     objects = [_sample_object(rng)]
     if rng.random() < two_object_prob:
@@ -346,7 +361,9 @@ _ATTRIBUTE_FIELDS: dict[str, tuple[str, ...]] = {
 
 def template_attributes(template: str) -> frozenset[str]:
     """The attributes of the main object a template mentions (size is optional in some)."""
-    return frozenset(a for a, fields in _ATTRIBUTE_FIELDS.items() if any(f in template for f in fields))
+    return frozenset(
+        a for a, fields in _ATTRIBUTE_FIELDS.items() if any(f in template for f in fields)
+    )
 
 
 def _article(word: str) -> str:
@@ -411,7 +428,9 @@ def benchmark_prompts(n: int, seed: int) -> list[tuple[str, Scene]]:
     out = []
     for i in range(n):
         colour, background = pairs[pair_idx[i]]
-        obj = make_object(rng, SHAPES[shape_idx[i]], colour, SIZES[size_idx[i]], POSITION_NAMES[pos_idx[i]])
+        obj = make_object(
+            rng, SHAPES[shape_idx[i]], colour, SIZES[size_idx[i]], POSITION_NAMES[pos_idx[i]]
+        )
         scene = Scene((obj,), background)
         out.append((fill_template(HELDOUT_TEMPLATES[template_idx[i]], scene, rng), scene))
     return out
@@ -447,7 +466,9 @@ class SceneStream:
     `two_object_prob=0`, since the held-out templates describe single objects.
     """
 
-    def __init__(self, seed: int, two_object_prob: float = DEFAULT_TWO_OBJECT_PROB, split: str = "train"):
+    def __init__(
+        self, seed: int, two_object_prob: float = DEFAULT_TWO_OBJECT_PROB, split: str = "train"
+    ):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if not 0.0 <= two_object_prob <= 1.0:
