@@ -259,21 +259,23 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 class Arena:
-    """One anonymous memory block that a module's tensors are carved from.
+    """One private anonymous memory block that a module's tensors are carved from.
 
-    Fresh memory costs a page fault per 4 KiB page on first touch; faulting in a 4 GB model
-    that way took longer than reading and converting its file. The arena asks the kernel for
-    transparent huge pages (2 MiB), which cuts the faults by 512x where THP is available.
+    One mapping per module instead of a thousand allocator calls. Measured on the 2-core VM we
+    develop on (4.3 GB, first touch): a private mapping faults in at 1.6 s, a shared one (Python's
+    default for anonymous maps) at 3.0 s, and transparent huge pages at 8.0 s, so we ask for
+    none of those extras.
     """
 
     ALIGN = 64
 
     def __init__(self, nbytes: int):
         self.size = nbytes + self.ALIGN * 1024
-        self._map = mmap.mmap(-1, max(self.size, 1))
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            with contextlib.suppress(OSError):
-                self._map.madvise(mmap.MADV_HUGEPAGE)
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        if flags:
+            self._map = mmap.mmap(-1, max(self.size, 1), flags=flags)
+        else:  # platforms without those flags (Windows): a plain anonymous map
+            self._map = mmap.mmap(-1, max(self.size, 1))
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._offset = 0
 

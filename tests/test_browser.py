@@ -142,6 +142,7 @@ def test_paint_a_mask_and_inpaint(page, tmp_path):
     set_number(page, "inpaint_denoising_strength", 1)
     page.locator("#inpaint_masked_content").get_by_text("latent noise").click()
     # paint a stroke across the middle of the picture with the brush, at a hand's pace
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx - 60, cy)

@@ -35,8 +35,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/Stable-diffusion/demo-shapes.safetensors")
     p.add_argument("--workdir", default="/tmp/demo-train")
-    p.add_argument("--ae-minutes", type=float, default=27.0)
-    p.add_argument("--ldm-minutes", type=float, default=55.0)
+    p.add_argument("--ae-minutes", type=float, default=32.0)
+    p.add_argument("--ldm-minutes", type=float, default=50.0)
+    p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--num-latents", type=int, default=40_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +72,11 @@ def stage_autoencoder(args, workdir: Path):
         log.info("autoencoder: loaded %s (scale factor %.5f)", final, state["scale_factor"])
         return ae, float(state["scale_factor"])
     cfg = ae_mod.AETrainConfig(
-        minutes=args.ae_minutes, seed=args.seed, bf16=not args.no_bf16, threads=args.threads
+        minutes=args.ae_minutes,
+        seed=args.seed,
+        bf16=not args.no_bf16,
+        threads=args.threads,
+        batch_size=args.ae_batch,
     )
     t0 = time.monotonic()
     ae = ae_mod.train_autoencoder(workdir, cfg, vae_config, resume=not args.no_resume)
