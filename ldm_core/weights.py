@@ -19,6 +19,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class WeightFile:
     `shapes` and `metadata` are available without reading any tensor data, which is what
     detection needs. Use as a context manager, or call `close()`.
     """
+
+    LOAD_WORKERS = 2
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -228,12 +231,20 @@ class WeightFile:
         arena = None
         if torch.device(device).type == "cpu" and keys:
             arena = Arena(sum(_nbytes(self.shape(k), self.target_dtype(k, dtype)) for k in keys))
-        out = {}
-        for k in keys:
-            buf = arena.take(self.shape(k), self.target_dtype(k, dtype)) if arena else None
-            out[k[len(strip_prefix) :] if k.startswith(strip_prefix) else k] = self.get(
-                k, dtype, device, buf
+        bufs = [
+            arena.take(self.shape(k), self.target_dtype(k, dtype)) if arena else None for k in keys
+        ]
+        # Copies release the GIL: two workers overlap the page faults of the many small tensors
+        # that torch would otherwise copy one by one on a single core.
+        with ThreadPoolExecutor(max_workers=self.LOAD_WORKERS) as pool:
+            tensors = list(
+                pool.map(
+                    lambda kb: self.get(kb[0], dtype, device, kb[1]), zip(keys, bufs, strict=True)
+                )
             )
+        out = {}
+        for k, t in zip(keys, tensors, strict=True):
+            out[k[len(strip_prefix) :] if k.startswith(strip_prefix) else k] = t
         return out
 
     def close(self) -> None:
