@@ -146,11 +146,15 @@ def start_app(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     from webui.settings import AppSettings, read_auth
 
+    try:
+        auth = read_auth(args.auth, args.auth_file)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     settings = AppSettings(
         host="0.0.0.0" if args.listen else "127.0.0.1",
         port=args.port,
         share=args.share,
-        auth=read_auth(args.auth, args.auth_file),
+        auth=auth,
         models_dir=args.models_dir.resolve(),
         outputs_dir=args.outputs_dir.resolve(),
         checkpoint=args.ckpt,

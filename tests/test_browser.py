@@ -19,8 +19,12 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    pytest.skip(
+        "Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright Python package is not installed"
+)
 
 from ldm_core import infotext  # noqa: E402
 from tests.test_webui import make_settings  # noqa: E402
@@ -117,14 +121,53 @@ def test_ctrl_enter_generates_with_a_moving_progress_bar(page):
     page.click("#txt2img_prompt textarea")
     page.keyboard.type("a red circle")
     page.keyboard.press("Control+Enter")
-    seen = wait_done(page, "txt2img", on_running=lambda: shot(page, "txt2img-progress"))
+    page.locator("#txt2img_token_counter").get_by_text("3/75").wait_for()
+    texts: list[str] = []
+
+    def on_running():
+        texts.append(page.locator("#txt2img_progress").inner_text())
+        shot(page, "txt2img-progress")
+
+    seen = wait_done(page, "txt2img", on_running=on_running)
+    assert "Step" in texts[0] and "/40" in texts[0] and "ETA" in texts[0], texts
     assert len(seen) >= 3 and seen == sorted(seen), f"progress fractions seen: {seen}"
     assert "Done: 1 image" in page.locator("#txt2img_progress").inner_text()
     image = result_image(page, "txt2img")
     assert image.size == (64, 64)
-    assert image.info["parameters"].startswith("a red circle\nSteps: 40,")  # the PNG keeps its infotext
+    assert image.info["parameters"].startswith(
+        "a red circle\nSteps: 40,"
+    )  # the PNG keeps its infotext
     assert "Steps: 40" in page.locator("#txt2img_infotext textarea").input_value()
     shot(page, "txt2img-done")
+    # reuse the seed of the image, then send it to img2img
+    seed = infotext.parse_infotext(image.info["parameters"])[2]["Seed"]
+    page.click("#txt2img_reuse_seed")
+    page.wait_for_function(
+        f"() => document.querySelector('#txt2img_seed input')?.value === '{seed}'"
+    )
+    page.click("#txt2img_send_to_img2img")
+    page.locator("#img2img_image img").wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#img2img_prompt textarea')?.value === 'a red circle'"
+    )
+    assert page.locator("#img2img_steps input[type=number]").input_value() == "40"
+
+
+def test_escape_interrupts_and_keeps_finished_images(page):
+    set_number(page, "txt2img_steps", 30)
+    set_number(page, "txt2img_batch_count", 20)
+    page.fill("#txt2img_prompt textarea", "a long batch")
+    page.click("#txt2img_generate")
+    page.locator("#txt2img_progress [data-state='running']").wait_for()
+    page.locator("#txt2img_progress").get_by_text("batch 2/20").wait_for()
+    page.keyboard.press("Escape")
+    wait_done(page, "txt2img")
+    state, _ = progress(page, "txt2img")
+    text = page.locator("#txt2img_progress").inner_text()
+    assert state == "interrupted" and "Interrupted" in text, text
+    kept = page.locator("#txt2img_gallery img").count()
+    assert 1 <= kept < 20
+    shot(page, "txt2img-interrupted")
 
 
 def test_paint_a_mask_and_inpaint(page, tmp_path):
@@ -164,10 +207,19 @@ def test_paint_a_mask_and_inpaint(page, tmp_path):
 
 
 def test_drop_a_png_on_png_info_and_send_it_to_txt2img(page, tmp_path):
-    text = infotext.build_infotext("a dropped prompt", "low quality", {
-        "Steps": 13, "Sampler": "Euler a", "Schedule type": "Karras", "CFG scale": 4.5, "Seed": 98765,
-        "Size": "64x72", "Clip skip": 2,
-    })
+    text = infotext.build_infotext(
+        "a dropped prompt",
+        "low quality",
+        {
+            "Steps": 13,
+            "Sampler": "Euler a",
+            "Schedule type": "Karras",
+            "CFG scale": 4.5,
+            "Seed": 98765,
+            "Size": "64x72",
+            "Clip skip": 2,
+        },
+    )
     png = tmp_path / "dropped.png"
     infotext.save_png_with_infotext(Image.new("RGB", (64, 72), (10, 200, 10)), png, text)
     page.get_by_role("tab", name="PNG Info").click()
@@ -177,7 +229,7 @@ def test_drop_a_png_on_png_info_and_send_it_to_txt2img(page, tmp_path):
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
             const data = new DataTransfer();
             data.items.add(new File([bytes], name, { type: "image/png" }));
-            const target = document.querySelector("#pnginfo_image [aria-label='Click to upload or drop files']")
+            const target = document.querySelector("#pnginfo_image [aria-dropeffect='copy']")
                 || document.querySelector("#pnginfo_image");
             for (const type of ["dragenter", "dragover", "drop"]) {
                 target.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: data }));
@@ -205,15 +257,38 @@ def test_drop_a_png_on_png_info_and_send_it_to_txt2img(page, tmp_path):
     shot(page, "pnginfo-sent-to-txt2img")
 
 
-def test_bad_input_shows_a_readable_error(page):
+def test_bad_input_shows_a_readable_error(page, app):
+    # typed numbers out of range: the page says what it used instead
+    for elem_id, value, text in (
+        ("txt2img_width", 0, "Width: 0 is out of range (64 to 2048); using 64"),
+        ("txt2img_height", 100000, "Height: 100000 is out of range (64 to 2048); using 2048"),
+        ("txt2img_steps", 0, "Sampling steps: 0 is out of range (1 to 150); using 1"),
+    ):
+        set_number(page, elem_id, value)
+        page.locator("#ldm_notice").get_by_text(text).wait_for()
+    shot(page, "bad-number-notice")
+    # img2img without an image
     page.get_by_role("tab", name="img2img").click()
     page.fill("#img2img_prompt textarea", "no image here")
     page.click("#img2img_generate")
     page.get_by_text("img2img needs an input image").first.wait_for()
+    page.wait_for_timeout(500)
     shot(page, "img2img-error")
+    # a checkpoint file that disappeared after the folder was scanned
+    ghost = app.settings.models_dir / "Stable-diffusion" / "ghost.safetensors"
+    ghost.write_bytes(b"")
+    page.click("#refresh_models")
+    page.wait_for_timeout(1000)
+    ghost.unlink()
+    page.click("#checkpoint input")
+    page.get_by_role("option", name="ghost.safetensors").click()
+    page.get_by_text("checkpoint 'ghost.safetensors' not found").first.wait_for()
+    page.wait_for_timeout(500)
+    shot(page, "missing-model-error")
     # the server keeps serving
     page.get_by_role("tab", name="txt2img").click()
     page.fill("#txt2img_prompt textarea", "still works")
+    set_number(page, "txt2img_height", 64)
     set_number(page, "txt2img_steps", 4)
     page.click("#txt2img_generate")
     wait_done(page, "txt2img")

@@ -63,6 +63,14 @@ def test_recipe_stages_end_to_end(tmp_path):
     gate = ae_mod.gate_autoencoder(ae, constant_judge, num_images=4)
     assert gate["passed"] and set(gate["renders"]) == set(world.ATTRIBUTES)
 
+    ft_cfg = ae_mod.AETrainConfig(
+        minutes=1.0, batch_size=2, max_steps=1, bf16=False, threads=1, decoder_only=True
+    )
+    tuned = ae_mod.train_autoencoder(tmp_path, ft_cfg, TINY_VAE, resume=False, init=ae.state_dict())
+    assert (tmp_path / "ae_decoder_state.pt").exists()
+    for name, value in tuned.encoder.state_dict().items():
+        assert torch.equal(value, ae.encoder.state_dict()[name]), name
+
     data = ldm_mod.precompute_latents(ae, scale_factor, num=6, seed=1, chunk=4)
     assert data.latents.shape == (6, 4, 8, 8) and len(data.scenes) == 6
     ldm_mod.save_dataset(data, tmp_path)

@@ -61,10 +61,13 @@ class App:
             show_error=True,
             max_file_size="64mb",
             # model folders and our own files are never served, whatever a handler returns
-            blocked_paths=[str(s.models_dir.resolve()), str(s.options_file.resolve()),
-                           str(s.hash_cache_file.resolve())],
+            blocked_paths=[
+                str(s.models_dir.resolve()),
+                str(s.options_file.resolve()),
+                str(s.hash_cache_file.resolve()),
+            ],
             css=(STATIC / "style.css").read_text(encoding="utf-8"),
-            head=f"<script>{(STATIC / 'shortcuts.js').read_text(encoding='utf-8')}</script>",
+            head=f"<script>{(STATIC / 'webui.js').read_text(encoding='utf-8')}</script>",
             footer_links=["api", "settings"],
         )
         kwargs.update(overrides)
@@ -102,7 +105,9 @@ class App:
             target = (self.settings.outputs_dir / folder).resolve()
             if not target.is_relative_to(self.settings.outputs_dir.resolve()):
                 self.require_insecure_allowed(f"saving images outside {self.settings.outputs_dir}")
-        return self.options.update(samplers=catalog.samplers(), schedules=catalog.schedules(), **changes)
+        return self.options.update(
+            samplers=catalog.samplers(), schedules=catalog.schedules(), **changes
+        )
 
     def default_size(self) -> tuple[int, int]:
         opts = self.options.get()
@@ -132,7 +137,11 @@ class App:
         token = pipeline.CancelToken()
         hires = tab == "txt2img" and params.enable_hr
         return self.jobs.submit(
-            session, tab, lambda job: self._work(job, tab, params), token=token, hires=hires,
+            session,
+            tab,
+            lambda job: self._work(job, tab, params),
+            token=token,
+            hires=hires,
             model_ready=self.models.ready,
         )
 
@@ -143,14 +152,27 @@ class App:
         if ckpt is None:
             raise ModelError(f"no model is loaded: {self.models.status().message}")
         opts = self.options.get()
-        params = replace(params, preview_every=opts.preview_every, preview_method=opts.preview_method)
-        run = {"txt2img": pipeline.txt2img, "img2img": pipeline.img2img, "inpaint": pipeline.inpaint}[tab]
-        result = run(ckpt, params, on_step=job.on_step, cancel=job.token, embeddings=self.models.embeddings)
+        params = replace(
+            params, preview_every=opts.preview_every, preview_method=opts.preview_method
+        )
+        run = {
+            "txt2img": pipeline.txt2img,
+            "img2img": pipeline.img2img,
+            "inpaint": pipeline.inpaint,
+        }[tab]
+        result = run(
+            ckpt, params, on_step=job.on_step, cancel=job.token, embeddings=self.models.embeddings
+        )
         if result.images:
             try:
                 job.paths = self.outputs.save(
-                    result.images, result.infotexts, result.records, root=self.outputs_root(opts),
-                    tab=tab, pattern=opts.filename_pattern, prompt=params.prompt,
+                    result.images,
+                    result.infotexts,
+                    result.records,
+                    root=self.outputs_root(opts),
+                    tab=tab,
+                    pattern=opts.filename_pattern,
+                    prompt=params.prompt,
                 )
             except (OSError, ValueError) as exc:
                 log.warning("could not save images: %s", exc)
@@ -193,18 +215,25 @@ def create_app(settings: AppSettings) -> App:
 
 def serve(settings: AppSettings) -> None:
     """Start the app, print its URL and the start-up time, load the model, then serve."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(settings)
     app.launch(prevent_thread_lock=True)
     started = settings.started_at
     took = f" in {time.perf_counter() - started:.1f} s" if started is not None else ""
-    print(f"Running on {app.local_url} (page ready{took}; the model loads in the background)", flush=True)
+    print(
+        f"Running on {app.local_url} (page ready{took}; the model loads in the background)",
+        flush=True,
+    )
     if app.share_url:
         print(f"Public link: {app.share_url}", flush=True)
     if settings.exposed and not settings.auth:
-        print("Warning: the UI is reachable from other machines and has no --auth login.", flush=True)
+        print(
+            "Warning: the UI is reachable from other machines and has no --auth login.", flush=True
+        )
     if settings.load_model:
         app.models.start()
     if settings.open_browser:
@@ -216,4 +245,11 @@ def serve(settings: AppSettings) -> None:
             job.token.interrupt()
 
 
-__all__ = ["App", "InsecureActionError", "OptionsError", "create_app", "editor_image_and_mask", "serve"]
+__all__ = [
+    "App",
+    "InsecureActionError",
+    "OptionsError",
+    "create_app",
+    "editor_image_and_mask",
+    "serve",
+]

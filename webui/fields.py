@@ -35,7 +35,13 @@ _INTS = {
     "n_iter", "batch_size", "clip_skip", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
     "mask_blur", "inpaint_full_res_padding", "resize_mode", "inpainting_fill",
 }  # fmt: skip
-_FLOATS = {"cfg_scale", "subseed_strength", "denoising_strength", "hr_denoising_strength", "hr_scale"}
+_FLOATS = {
+    "cfg_scale",
+    "subseed_strength",
+    "denoising_strength",
+    "hr_denoising_strength",
+    "hr_scale",
+}
 
 
 class FieldError(ValueError):

@@ -72,8 +72,16 @@ class Job:
             per_batch = (0.5 if event.phase == "hires" else 0.0) + per_batch / 2
         fraction = (event.batch_index + per_batch) / max(1, event.batch_count)
         self.events.put(
-            Progress(event.step, event.total_steps, event.batch_index, event.batch_count, event.phase,
-                     event.elapsed, min(1.0, fraction), event.preview)
+            Progress(
+                event.step,
+                event.total_steps,
+                event.batch_index,
+                event.batch_count,
+                event.phase,
+                event.elapsed,
+                min(1.0, fraction),
+                event.preview,
+            )
         )
 
 
@@ -98,7 +106,9 @@ class JobQueue:
         job = Job(next(self._ids), session or "anonymous", kind, token, hires)
         with self._jobs_lock:
             self._jobs.append(job)
-        threading.Thread(target=self._run, args=(job, work, model_ready), name=f"job-{job.id}", daemon=True).start()
+        threading.Thread(
+            target=self._run, args=(job, work, model_ready), name=f"job-{job.id}", daemon=True
+        ).start()
         return job
 
     def _acquire(self, job: Job, model_ready: threading.Event | None) -> bool:
@@ -114,7 +124,9 @@ class JobQueue:
                 self.lock.release()
         return False
 
-    def _run(self, job: Job, work: Callable[[Job], object], model_ready: threading.Event | None) -> None:
+    def _run(
+        self, job: Job, work: Callable[[Job], object], model_ready: threading.Event | None
+    ) -> None:
         try:
             job.events.put(Waiting(self.ahead(job)))
             if not self._acquire(job, model_ready):
@@ -157,7 +169,9 @@ class JobQueue:
             job.token.skip()
         return len(jobs)
 
-    def stream(self, job: Job, timeout: float = POLL_SECONDS) -> Iterator[Progress | Waiting | None]:
+    def stream(
+        self, job: Job, timeout: float = POLL_SECONDS
+    ) -> Iterator[Progress | Waiting | None]:
         """Events of `job` until it is done; yields None every `timeout` s while nothing happens
         (so the handler can refresh the elapsed time). Coalesces a backlog of progress events."""
         while True:

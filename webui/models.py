@@ -111,6 +111,7 @@ class ModelManager:
         self._status_lock = threading.Lock()
         self.ready = threading.Event()  # set when no load is pending
         self.ready.set()
+        self.core_loaded = threading.Event()  # set once the core (torch) is imported
         self.scan()
 
     # -- folders ---------------------------------------------------------------------------------
@@ -120,10 +121,16 @@ class ModelManager:
         for path in _files(self.checkpoints_dir, CHECKPOINT_SUFFIXES):
             found[path.relative_to(self.checkpoints_dir).as_posix()] = path
         extra = self.settings.checkpoint
-        if extra is not None and extra.is_file() and extra.resolve() not in {p.resolve() for p in found.values()}:
+        if (
+            extra is not None
+            and extra.is_file()
+            and extra.resolve() not in {p.resolve() for p in found.values()}
+        ):
             found[str(extra.resolve())] = extra.resolve()
         self._checkpoints = found
-        self._vaes = {p.relative_to(self.vae_dir).as_posix(): p for p in _files(self.vae_dir, VAE_SUFFIXES)}
+        self._vaes = {
+            p.relative_to(self.vae_dir).as_posix(): p for p in _files(self.vae_dir, VAE_SUFFIXES)
+        }
         if self.embeddings is not None:
             self.embeddings.refresh()
 
@@ -178,15 +185,22 @@ class ModelManager:
             return None
         path = self._vaes.get(vae)
         if path is None or not path.is_file():
-            raise ModelError(f"VAE {vae!r} not found in {self.vae_dir}; press ↻ to rescan the folder")
+            raise ModelError(
+                f"VAE {vae!r} not found in {self.vae_dir}; press ↻ to rescan the folder"
+            )
         return path
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> ModelStatus:
         with self._status_lock:
             if self._state == "loading":
-                return ModelStatus("loading", self._target, self.vae_name, self._message,
-                                   time.perf_counter() - self._load_started)
+                return ModelStatus(
+                    "loading",
+                    self._target,
+                    self.vae_name,
+                    self._message,
+                    time.perf_counter() - self._load_started,
+                )
             return ModelStatus(self._state, self.checkpoint_name, self.vae_name, self._message)
 
     def _set(self, state: str, message: str = "", target: str | None = None) -> None:
@@ -214,33 +228,46 @@ class ModelManager:
                 f"checkpoint {name!r} not found in {self.checkpoints_dir}; press ↻ to rescan the folder"
             )
         if vae not in self.vae_names():
-            raise ModelError(f"VAE {vae!r} not found in {self.vae_dir}; press ↻ to rescan the folder")
+            raise ModelError(
+                f"VAE {vae!r} not found in {self.vae_dir}; press ↻ to rescan the folder"
+            )
         pairs = [(name, vae)]
         if self.checkpoint_name and self.checkpoint_name != name:
             pairs.append((self.checkpoint_name, self.vae_name))
-        if DEMO_CHECKPOINT in self._checkpoints and DEMO_CHECKPOINT not in (name, self.checkpoint_name):
+        if DEMO_CHECKPOINT in self._checkpoints and DEMO_CHECKPOINT not in (
+            name,
+            self.checkpoint_name,
+        ):
             pairs.append((DEMO_CHECKPOINT, AUTOMATIC_VAE))
         self._begin(pairs, "", remember=True, wait=wait)
 
-    def _begin(self, pairs: list[tuple[str, str]], note: str, *, remember: bool, wait: bool) -> None:
+    def _begin(
+        self, pairs: list[tuple[str, str]], note: str, *, remember: bool, wait: bool
+    ) -> None:
         with self._status_lock:
             self._ticket += 1
             ticket = self._ticket
         self.ready.clear()
         self._set("loading", "", pairs[0][0] if pairs else None)
         thread = threading.Thread(
-            target=self._load_first, args=(ticket, pairs, note, remember), name="model-loader", daemon=True
+            target=self._load_first,
+            args=(ticket, pairs, note, remember),
+            name="model-loader",
+            daemon=True,
         )
         thread.start()
         if wait:
             thread.join()
 
-    def _load_first(self, ticket: int, pairs: list[tuple[str, str]], note: str, remember: bool) -> None:
+    def _load_first(
+        self, ticket: int, pairs: list[tuple[str, str]], note: str, remember: bool
+    ) -> None:
         with self._load_lock:
             if ticket != self._ticket:
                 return  # a newer request replaced this one
             try:
                 core = _core()
+                self.core_loaded.set()
                 if self.embeddings is None:
                     self.embeddings = core.conditioning.EmbeddingLibrary(self.embeddings_dir)
                 self._load_locked(core, pairs, note, remember)
@@ -286,10 +313,8 @@ class ModelManager:
             else:
                 self._set("error", "; ".join(errors))
                 return
-        try:
-            _ = ckpt.model_hash  # hash once now (cached on disk) rather than in the first job
-        except OSError as exc:
-            log.warning("could not hash %s: %s", name, exc)
+        # hash the file now (cached on disk) rather than in the first job, without holding it up
+        threading.Thread(target=_hash, args=(ckpt,), name="model-hash", daemon=True).start()
 
     def _release(self) -> None:
         if self.checkpoint is None:
@@ -304,10 +329,21 @@ class ModelManager:
             torch.cuda.empty_cache()
 
 
+def _hash(ckpt) -> None:
+    try:
+        _ = ckpt.model_hash
+    except OSError as exc:
+        log.warning("could not hash %s: %s", ckpt.path, exc)
+
+
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file() and not p.name.startswith(".")),
+        (
+            p
+            for p in folder.rglob("*")
+            if p.suffix.lower() in suffixes and p.is_file() and not p.name.startswith(".")
+        ),
         key=lambda p: p.relative_to(folder).as_posix().lower(),
     )

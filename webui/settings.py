@@ -144,9 +144,13 @@ def validate_options(opts: Options, *, samplers=None, schedules=None) -> Options
     for name in ("width", "height"):
         v = getattr(out, name)
         if v != 0 and not (64 <= v <= 2048 and v % 8 == 0):
-            raise OptionsError(f"default {name} must be 0 (model's size) or 64-2048 in steps of 8, got {v}")
+            raise OptionsError(
+                f"default {name} must be 0 (model's size) or 64-2048 in steps of 8, got {v}"
+            )
     if not 0 <= out.preview_every <= 1000:
-        raise OptionsError(f"preview frequency must be 0 (off) to 1000 steps, got {out.preview_every}")
+        raise OptionsError(
+            f"preview frequency must be 0 (off) to 1000 steps, got {out.preview_every}"
+        )
     if out.preview_method not in PREVIEW_METHODS:
         raise OptionsError(f"preview method must be one of {', '.join(PREVIEW_METHODS)}")
     check_filename_pattern(out.filename_pattern)
@@ -156,8 +160,10 @@ def validate_options(opts: Options, *, samplers=None, schedules=None) -> Options
 def check_filename_pattern(pattern: str) -> None:
     if not pattern.strip():
         raise OptionsError("the filename pattern is empty")
-    if any(c in pattern for c in "/\\:*?\"<>|\0") or ".." in pattern:
-        raise OptionsError("the filename pattern must not contain path separators, '..' or any of :*?\"<>|")
+    if any(c in pattern for c in '/\\:*?"<>|\0') or ".." in pattern:
+        raise OptionsError(
+            "the filename pattern must not contain path separators, '..' or any of :*?\"<>|"
+        )
     unknown = sorted(set(_TOKEN.findall(pattern)) - set(FILENAME_TOKENS))
     if unknown:
         raise OptionsError(
@@ -200,7 +206,9 @@ class OptionsStore:
         """Validate and apply `changes`, then save. Raises OptionsError for bad values."""
         with self._lock:
             new = validate_options(
-                dataclasses.replace(self._options, **changes), samplers=samplers, schedules=schedules
+                dataclasses.replace(self._options, **changes),
+                samplers=samplers,
+                schedules=schedules,
             )
             self._options = new
             self._save(new)

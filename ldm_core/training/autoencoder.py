@@ -42,6 +42,9 @@ class AETrainConfig:
     kl_weight: float = 1e-6
     l2_weight: float = 1.0
     lowres_weight: float = 1.0
+    foreground_weight: float = 5.0
+    edge_weight: float = 1.0
+    decoder_only: bool = False  # fine-tune post_quant_conv + decoder only (encoder frozen)
     seed: int = 0
     checkpoint_minutes: float = 3.0
     log_every: int = 25
@@ -64,16 +67,21 @@ class ThreadTuner:
 
     The machine is shared: when other processes hold a core, two OpenMP threads can be far slower
     than one (they wait for each other at every barrier). Every `period` steps the other thread
-    count is tried for `probe` steps and kept if its median step time is lower.
+    count is tried for `probe` steps (at least every `period_seconds`) and kept if its median
+    step time is lower.
     """
 
-    def __init__(self, max_threads: int, period: int = 40, probe: int = 6):
+    def __init__(
+        self, max_threads: int, period: int = 40, probe: int = 6, period_seconds: float = 90.0
+    ):
         self.max_threads, self.period, self.probe = max_threads, period, probe
         self.current = max_threads
         torch.set_num_threads(self.current)
         self.history: list[float] = []
         self.trial: list[float] | None = None
         self.since = 0
+        self.period_seconds = period_seconds
+        self.last_switch = time.monotonic()
 
     def record(self, seconds: float) -> None:
         if self.max_threads <= 1:
@@ -98,7 +106,9 @@ class ThreadTuner:
             return
         self.history.append(seconds)
         self.since += 1
-        if self.since >= self.period:
+        due = self.since >= self.period or time.monotonic() - self.last_switch > self.period_seconds
+        if due and len(self.history) >= self.probe:
+            self.last_switch = time.monotonic()
             self.current = 1 if self.current == self.max_threads else self.max_threads
             torch.set_num_threads(self.current)
             self.trial = []
@@ -134,20 +144,51 @@ def autoencoder_loss(
     cfg: AETrainConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction (L1 + L2 + low-res L1) + KL of a posterior draw. images [B, 3, H, W]."""
+    """Reconstruction (L1 + L2 + low-res L1) + KL of a posterior draw. images [B, 3, H, W].
+
+    Pixels that differ from the background (the top-left pixel: no object reaches a corner)
+    weigh `foreground_weight` times more, so the few object pixels the judge reads are not
+    drowned by the background.
+    """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        mean, logvar = ae.encode_moments(images)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * logvar) * noise
+        if cfg.decoder_only:  # frozen encoder: decode the posterior mean, as the LDM's samples are
+            with torch.no_grad():
+                mean, logvar = ae.encode_moments(images)
+            z = mean
+        else:
+            mean, logvar = ae.encode_moments(images)
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * noise
         recon = ae.decode(z)
     recon = recon.float()
     mean, logvar = mean.float(), logvar.float()
-    l1 = (recon - images).abs().mean()
-    l2 = (recon - images).pow(2).mean()
+    background = images[:, :, :1, :1]  # [B, 3, 1, 1]
+    foreground = ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    weight = 1.0 + (cfg.foreground_weight - 1.0) * foreground  # [B, 1, H, W]
+    l1 = ((recon - images).abs() * weight).mean()
+    l2 = ((recon - images).pow(2) * weight).mean()
     low = (F.avg_pool2d(recon, 4) - F.avg_pool2d(images, 4)).abs().mean()
+    # Shapes are told apart by their edges: match horizontal and vertical differences too.
+    edge = (_dx(recon) - _dx(images)).abs().mean() + (_dy(recon) - _dy(images)).abs().mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
-    loss = l1 + cfg.l2_weight * l2 + cfg.lowres_weight * low + cfg.kl_weight * kl
-    return loss, {"l1": l1.item(), "l2": l2.item(), "low": low.item(), "kl": kl.item()}
+    loss = l1 + cfg.l2_weight * l2 + cfg.lowres_weight * low + cfg.edge_weight * edge
+    loss = loss + cfg.kl_weight * kl
+    parts = {
+        "l1": l1.item(),
+        "l2": l2.item(),
+        "low": low.item(),
+        "edge": edge.item(),
+        "kl": kl.item(),
+    }
+    return loss, parts
+
+
+def _dx(x: torch.Tensor) -> torch.Tensor:
+    return x[..., :, 1:] - x[..., :, :-1]
+
+
+def _dy(x: torch.Tensor) -> torch.Tensor:
+    return x[..., 1:, :] - x[..., :-1, :]
 
 
 def _save(path: Path, payload: dict) -> None:
@@ -162,14 +203,30 @@ def train_autoencoder(
     vae_config: VAEConfig = DEMO_VAE_CONFIG,
     *,
     resume: bool = True,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> AutoencoderKL:
-    """Train (or resume) the autoencoder in `workdir/ae_state.pt` until the time budget is spent."""
+    """Train (or resume) the autoencoder in `workdir/ae_state.pt` until the time budget is spent.
+
+    With `cfg.decoder_only` it fine-tunes the decoder of the autoencoder `init` (a state dict)
+    with the encoder frozen, in `workdir/ae_decoder_state.pt`: the latents, and so a UNet trained
+    on them, stay valid (Stable Diffusion's ft-MSE VAE was made the same way).
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    state_path = workdir / "ae_state.pt"
+    state_path = workdir / ("ae_decoder_state.pt" if cfg.decoder_only else "ae_state.pt")
     torch.manual_seed(cfg.seed)
     ae = AutoencoderKL(vae_config)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if init is not None:
+        ae.load_state_dict(init)
+    trained = (
+        [*ae.post_quant_conv.parameters(), *ae.decoder.parameters()]
+        if cfg.decoder_only
+        else list(ae.parameters())
+    )
+    if cfg.decoder_only:
+        ae.encoder.requires_grad_(False)
+        ae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, elapsed = 0, 0.0
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -215,7 +272,7 @@ def train_autoencoder(
         loss, parts = autoencoder_loss(ae, images, cfg, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         tuner.record(time.monotonic() - t_step)
         step += 1
@@ -278,6 +335,20 @@ Judge = Callable[
 ]  # images [B,3,H,W] -> attr -> class ids [B]
 
 
+def judge_classifier(path: str | Path | None = None) -> Judge:
+    """The world's trained judge (`judge.load_judge`) as `images -> {attribute: class ids [B]}`."""
+    from ldm_core.training import judge as judge_mod
+
+    net = judge_mod.load_judge(path or judge_mod.DEFAULT_JUDGE_PATH)
+
+    @torch.no_grad()
+    def classify(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = [net(chunk.float()) for chunk in images.split(256)]
+        return {a: torch.cat([lg[a] for lg in logits]).argmax(dim=1) for a in logits[0]}
+
+    return classify
+
+
 @torch.no_grad()
 def judge_accuracy(
     judge: Judge, images: torch.Tensor, labels: dict[str, torch.Tensor]
@@ -294,7 +365,8 @@ def gate_autoencoder(
 
     Passes when every attribute's reconstruction accuracy is within `tolerance` of the renders'.
     """
-    batch = world.SceneStream(seed).batch(num_images)
+    # Single-object scenes: the judge is trained on (and reads) one main object.
+    batch = world.SceneStream(seed, two_object_prob=0.0).batch(num_images)
     recon = reconstruct(ae, batch.images)
     on_renders = judge_accuracy(judge, batch.images, batch.labels)
     on_recons = judge_accuracy(judge, recon, batch.labels)

@@ -61,11 +61,11 @@ class LDMTrainConfig:
     weight_decay: float = 0.01
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.997
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_minutes: float = 3.0
-    eval_minutes: float = 10.0
+    eval_minutes: float = 20.0
     eval_prompts: int = 112
     log_every: int = 25
     bf16: bool = False
@@ -200,6 +200,17 @@ def _captions(scenes: list[world.Scene], rng: np.random.Generator, dropout: floa
     return ["" if rng.random() < dropout else world.caption(s, rng, "train") for s in scenes]
 
 
+def _try_judge():
+    """The judge if its weights exist yet (it may be trained while this runs), else None."""
+    from ldm_core.training.autoencoder import judge_classifier
+
+    try:
+        return judge_classifier()
+    except (ImportError, OSError, ValueError) as exc:
+        log.info("ldm eval skipped: judge unavailable (%s)", exc)
+        return None
+
+
 def train_ldm(
     workdir: str | Path,
     data: LatentDataset,
@@ -316,20 +327,15 @@ def train_ldm(
         if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.monotonic()
-        if (
-            judge is not None
-            and vae is not None
-            and time.monotonic() - last_eval > cfg.eval_minutes * 60
-        ):
-            ema = DemoModels(ema_unet.module, ema_text.module)
-            acc = evaluate_adherence(
-                ema, vae, data.scale_factor, judge, num_prompts=cfg.eval_prompts
-            )
-            log.info(
-                "ldm eval at step %d (EMA): %s",
-                step,
-                " ".join(f"{k}={v:.3f}" for k, v in acc.items()),
-            )
+        if vae is not None and time.monotonic() - last_eval > cfg.eval_minutes * 60:
+            judge = judge if judge is not None else _try_judge()
+            if judge is not None:
+                ema = DemoModels(ema_unet.module, ema_text.module)
+                acc = evaluate_adherence(
+                    ema, vae, data.scale_factor, judge, num_prompts=cfg.eval_prompts
+                )
+                summary = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+                log.info("ldm eval at step %d (EMA): %s", step, summary)
             last_eval = time.monotonic()
     checkpoint()
     log.info("ldm: done, %d steps in %.1f min", step, (time.monotonic() - start) / 60)
@@ -438,7 +444,12 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
         models.text_encoder.eval()
         log.info("ldm: loaded EMA weights from %s", final)
         return models
-    cfg = LDMTrainConfig(minutes=args.ldm_minutes, seed=args.seed, threads=args.threads)
+    cfg = LDMTrainConfig(
+        minutes=args.ldm_minutes,
+        seed=args.seed,
+        threads=args.threads,
+        batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
+    )
     models = train_ldm(workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae)
     torch.save(
         {
@@ -555,5 +566,11 @@ def stage_export(
     scale_factor: float,
     gate: dict | None,
 ):
+    decoder = workdir / "ae_decoder_final.pt"
+    if (
+        getattr(args, "decoder_minutes", 0) > 0 and decoder.exists()
+    ):  # the decoder fine-tuned with the encoder frozen (train_demo stage)
+        vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["model"])
+        log.info("export: using the fine-tuned decoder from %s", decoder)
     meta = demo_metadata(scale_factor, gate, models, vae)
     return export_demo(args.out, models, vae, scale_factor, meta)

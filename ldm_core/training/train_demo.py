@@ -8,7 +8,8 @@ Stages (each resumes from `--workdir` when re-run with the same arguments):
   2. gate          judge accuracy on renders vs reconstructions; latent scale factor
   3. latents       posterior means x scale factor of fresh captioned renders
   4. ldm           text encoder + UNet, eps objective, 10% caption dropout, EMA (`--ldm-minutes`)
-  5. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
+  5. decoder       decoder fine-tuned with the encoder frozen (`--decoder-minutes`)
+  6. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
 
 This module is the command-line entry of the training recipe (like `launch.py` for the app);
 the stages themselves are library functions in `autoencoder.py` and `ldm.py`.
@@ -35,10 +36,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/Stable-diffusion/demo-shapes.safetensors")
     p.add_argument("--workdir", default="/tmp/demo-train")
-    p.add_argument("--ae-minutes", type=float, default=32.0)
+    p.add_argument("--ae-minutes", type=float, default=60.0)
     p.add_argument("--ldm-minutes", type=float, default=50.0)
     p.add_argument("--ae-batch", type=int, default=16)
-    p.add_argument("--num-latents", type=int, default=40_000)
+    p.add_argument("--ldm-batch", type=int, default=64)
+    p.add_argument("--decoder-minutes", type=float, default=0.0, help="0: skip the stage")
+    p.add_argument("--num-latents", type=int, default=30_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --workdir")
@@ -50,13 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _load_judge():
     """The world's judge as `images -> {attribute: class ids}`, or None if it is not available."""
     try:
-        from ldm_core.training import judge as judge_mod
-    except ImportError as exc:
-        log.warning("judge unavailable (%s)", exc)
-        return None
-    try:
-        return judge_mod.load_judge_predictor()
-    except (FileNotFoundError, AttributeError) as exc:
+        return ae_mod.judge_classifier()
+    except (ImportError, OSError, ValueError) as exc:  # ValueError: CheckpointError
         log.warning("judge unavailable (%s)", exc)
         return None
 
@@ -105,6 +103,31 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     return result
 
 
+def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
+    """Fine-tune the decoder with the encoder frozen (the latents the LDM learnt stay valid)."""
+    final = workdir / "ae_decoder_final.pt"
+    if args.decoder_minutes <= 0:
+        return ae
+    if final.exists() and not args.no_resume:
+        ae.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
+        return ae
+    cfg = ae_mod.AETrainConfig(
+        minutes=args.decoder_minutes,
+        seed=args.seed + 1,
+        bf16=not args.no_bf16,
+        threads=threads or args.threads,
+        batch_size=args.ae_batch,
+        lr=5e-4,
+        warmup_steps=20,
+        decoder_only=True,
+    )
+    ae = ae_mod.train_autoencoder(
+        workdir, cfg, ae.config, resume=not args.no_resume, init=ae.state_dict()
+    )
+    torch.save({"model": ae.state_dict(), "config": asdict(cfg)}, final)
+    return ae
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
@@ -129,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
     models = ldm_mod.stage_ldm(args, workdir, data, judge=_load_judge(), vae=ae)
     log.info("stage ldm done at %.1f min", (time.monotonic() - t0) / 60)
+    ae = stage_decoder(args, workdir, ae)
+    log.info("stage decoder done at %.1f min", (time.monotonic() - t0) / 60)
     ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
     return 0
