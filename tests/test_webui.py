@@ -572,20 +572,26 @@ def judged(judge, gallery) -> list[dict[str, str]]:
     return judge.predict(images)
 
 
-def mostly(labels: list[dict[str, str]], **expected) -> bool:
-    hits = sum(all(lab[k] == v for k, v in expected.items()) for lab in labels)
-    return hits >= 0.75 * len(labels)
+def agreement(labels: list[dict[str, str]], **expected) -> dict[str, float]:
+    """Per attribute, the fraction of images the judge reads as `expected`."""
+    return {k: sum(lab[k] == v for lab in labels) / len(labels) for k, v in expected.items()}
+
+
+def assert_mostly(labels: list[dict[str, str]], **expected) -> None:
+    # 8 images with fixed seeds; a model at the demo's bars (90-95% per attribute) clears
+    # 5 of 8 with a wide margin, a model that ignores the prompt does not
+    agree = agreement(labels, **expected)
+    assert all(v >= 5 / 8 for v in agree.values()), (agree, labels)
 
 
 @needs_demo
 def test_demo_txt2img_draws_what_the_prompt_asks(demo):
     app, client, judge = demo
     gallery, _, _ = client.predict(
-        prompt="large red circle, centre, blue background", seed=11, n_iter=4, steps=20,
+        prompt="large red circle, centre, blue background", seed=11, batch_size=8, steps=20,
         cfg_scale=5.0, sampler_name="DPM++ 2M", api_name="/txt2img",
     )  # fmt: skip
-    labels = judged(judge, gallery)
-    assert mostly(labels, colour="red", shape="circle", background="blue"), labels
+    assert_mostly(judged(judge, gallery), colour="red", shape="circle", background="blue")
 
 
 @needs_demo
@@ -599,10 +605,10 @@ def test_demo_img2img_and_inpaint(demo, tmp_path):
     src.save(tmp_path / "square.png")
     gallery, _, _ = client.predict(
         init_image=handle_file(str(tmp_path / "square.png")), denoising_strength=0.5, seed=5,
-        prompt="large blue square, centre, white background", n_iter=4, steps=20, cfg_scale=5.0,
+        prompt="large blue square, centre, white background", batch_size=8, steps=20, cfg_scale=5.0,
         api_name="/img2img",
     )  # fmt: skip
-    assert mostly(judged(judge, gallery), colour="blue", shape="square", background="white")
+    assert_mostly(judged(judge, gallery), colour="blue", shape="square", background="white")
     # inpaint a yellow object into the middle of an empty white picture
     Image.new("RGB", (64, 64), (245, 245, 245)).save(tmp_path / "empty.png")
     layer = np.zeros((64, 64, 4), np.uint8)
@@ -615,11 +621,10 @@ def test_demo_img2img_and_inpaint(demo, tmp_path):
     }
     gallery, _, _ = client.predict(
         init_image=editor, prompt="large yellow triangle, centre, white background", seed=8,
-        n_iter=4, steps=20, cfg_scale=5.0, denoising_strength=1.0, inpainting_fill="latent noise",
+        batch_size=8, steps=20, cfg_scale=5.0, denoising_strength=1.0, inpainting_fill="latent noise",
         mask_blur=2, api_name="/inpaint",
     )  # fmt: skip
-    labels = judged(judge, gallery)
-    assert mostly(labels, colour="yellow", background="white"), labels
+    assert_mostly(judged(judge, gallery), colour="yellow", background="white")
     for image in gallery_images(gallery):
         out = np.asarray(image.convert("RGB"), dtype=np.int16)
         assert np.abs(out[:10] - 245).max() <= 2, "pixels outside the mask are kept"
