@@ -45,7 +45,6 @@ class Checkpoint:
     unet: UNetModel
     vae: AutoencoderKL
     text_encoders: list[TextEncoder]
-    tokenizer: object
     device: torch.device
     dtype: torch.dtype
     metadata: dict[str, str] = field(default_factory=dict)
@@ -54,6 +53,11 @@ class Checkpoint:
     load_seconds: float = 0.0
     _sha256: str | None = field(default=None, repr=False)
     _vae_sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def tokenizer(self):
+        """The CLIP tokenizer (built offline on first use, then shared by the process)."""
+        return get_tokenizer()
 
     @property
     def family(self) -> Family:
@@ -158,7 +162,6 @@ def load_checkpoint(
         unet=unet,
         vae=vae_module,
         text_encoders=text_encoders,
-        tokenizer=get_tokenizer(),
         device=dev,
         dtype=dt,
         metadata=metadata,
