@@ -91,10 +91,10 @@ def progress(page, tab: str) -> tuple[str, float]:
     return el.get_attribute("data-state") or "", float(el.get_attribute("data-fraction") or 0)
 
 
-def wait_done(page, tab: str, *, on_running=None) -> list[float]:
+def wait_done(page, tab: str, *, on_running=None, timeout_ms: int = TIMEOUT_MS) -> list[float]:
     """Poll the progress bar until the job ends; returns the fractions seen while running."""
     seen: list[float] = []
-    deadline = time.time() + TIMEOUT_MS / 1000
+    deadline = time.time() + timeout_ms / 1000
     while time.time() < deadline:
         state, fraction = progress(page, tab)
         if state == "running":
@@ -178,7 +178,7 @@ def test_paint_a_mask_and_inpaint(page, tmp_path):
     page.locator("#inpaint_editor input[type=file]").set_input_files(str(tmp_path / "source.png"))
     canvas = page.locator("#inpaint_editor canvas").first
     canvas.wait_for()
-    page.wait_for_timeout(500)
+    page.wait_for_timeout(1500)
     page.fill("#inpaint_prompt textarea", "a green square")
     set_number(page, "inpaint_steps", 6)
     set_number(page, "inpaint_mask_blur", 0)
@@ -195,8 +195,17 @@ def test_paint_a_mask_and_inpaint(page, tmp_path):
         page.wait_for_timeout(20)
     page.mouse.up()
     shot(page, "inpaint-mask")
-    page.click("#inpaint_generate")
-    wait_done(page, "inpaint")
+    # The editor registers an upload asynchronously; a click that comes first gets the page's
+    # "upload an image first" error, as a person clicking that fast would. Try again then.
+    for attempt in range(3):
+        page.click("#inpaint_generate")
+        try:
+            wait_done(page, "inpaint", timeout_ms=30_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+            page.wait_for_timeout(1000)
     shot(page, "inpaint-done")
     out = np.asarray(result_image(page, "inpaint").convert("RGB"), dtype=np.int16)
     src = np.asarray(source, dtype=np.int16)
