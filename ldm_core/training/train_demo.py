@@ -4,11 +4,11 @@
         --out models/Stable-diffusion/demo-shapes.safetensors --workdir /tmp/demo-train
 
 Stages (each resumes from `--workdir` when re-run with the same arguments):
-  1. autoencoder   KL autoencoder on fresh world renders       (`--ae-minutes`)
-  2. gate          judge accuracy on renders vs reconstructions; latent scale factor
-  3. latents       posterior means x scale factor of fresh captioned renders
-  4. ldm           text encoder + UNet, eps objective, 10% caption dropout, EMA (`--ldm-minutes`)
-  5. decoder       decoder fine-tuned with the encoder frozen (`--decoder-minutes`)
+  1. autoencoder   KL autoencoder on fresh world renders; latent scale factor (`--ae-minutes`)
+  2. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`)
+  3. gate          the judge must read reconstructions as well as renders, or the run stops
+  4. latents       posterior means x scale factor of fresh captioned renders
+  5. ldm           text encoder + UNet, eps objective, 10% caption dropout, EMA (`--ldm-minutes`)
   6. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
 
 This module is the command-line entry of the training recipe (like `launch.py` for the app);
@@ -36,11 +36,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/Stable-diffusion/demo-shapes.safetensors")
     p.add_argument("--workdir", default="/tmp/demo-train")
-    p.add_argument("--ae-minutes", type=float, default=60.0)
-    p.add_argument("--ldm-minutes", type=float, default=50.0)
+    p.add_argument("--ae-minutes", type=float, default=25.0)
+    p.add_argument("--ldm-minutes", type=float, default=48.0)
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
-    p.add_argument("--decoder-minutes", type=float, default=0.0, help="0: skip the stage")
+    p.add_argument("--decoder-minutes", type=float, default=5.0, help="0: skip the stage")
+    p.add_argument("--gate-tolerance", type=float, default=0.02)
     p.add_argument("--num-latents", type=int, default=30_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +95,7 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     if judge is None:
         log.warning("gate: skipped, no judge")
         return None
-    result = ae_mod.gate_autoencoder(ae, judge)
+    result = ae_mod.gate_autoencoder(ae, judge, tolerance=args.gate_tolerance)
     path.write_text(json.dumps(result, indent=2))
     if not result["passed"] and not args.skip_gate:
         raise SystemExit(
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     ae, scale_factor = stage_autoencoder(args, workdir)
     log.info("stage autoencoder done at %.1f min", (time.monotonic() - t0) / 60)
+    ae = stage_decoder(args, workdir, ae)
+    ae.eval()
+    log.info("stage decoder done at %.1f min", (time.monotonic() - t0) / 60)
     gate = stage_gate(args, workdir, ae)
     log.info("stage gate done at %.1f min", (time.monotonic() - t0) / 60)
 
@@ -152,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
     models = ldm_mod.stage_ldm(args, workdir, data, judge=_load_judge(), vae=ae)
     log.info("stage ldm done at %.1f min", (time.monotonic() - t0) / 60)
-    ae = stage_decoder(args, workdir, ae)
-    log.info("stage decoder done at %.1f min", (time.monotonic() - t0) / 60)
     ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
     return 0
