@@ -1,7 +1,8 @@
 """Benchmark: prompt adherence of the demo model, scored by the world's judge.
 
     venv/bin/python bench/bench_demo_adherence.py \\
-        [--model models/Stable-diffusion/demo-shapes.safetensors] [--prompts 224] [--engine pipeline]
+        [--model models/Stable-diffusion/demo-shapes.safetensors] [--prompts 224] [--engine pipeline] \\
+        [--grid docs/demo-samples.png]
 
 Prompts come from `world.benchmark_prompts` (held-out caption templates, never used in
 training), one image each: 20 steps, DPM++ 2M, CFG 5, 64x64, empty negative prompt. The judge
@@ -69,6 +70,28 @@ def _local_images(ckpt, prompts: list[str], args) -> torch.Tensor:
     return torch.cat(out)
 
 
+def save_grid(images: torch.Tensor, prompts: list[str], path: str, cols: int = 6) -> None:
+    """The first images (in [-1, 1]) at 2x, each above its prompt, as one PNG."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    cell_w, img, text_h = 168, 128, 64
+    n = len(images)
+    rows = (n + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell_w, rows * (img + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for i in range(n):
+        x, y = (i % cols) * cell_w, (i // cols) * (img + text_h)
+        arr = ((images[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        tile = Image.fromarray(arr).resize((img, img), Image.Resampling.NEAREST)
+        grid.paste(tile, (x + (cell_w - img) // 2, y + 2))
+        lines = textwrap.wrap(prompts[i], 27)[:4]
+        draw.multiline_text((x + 4, y + img + 4), "\n".join(lines), fill="black", font=font)
+    grid.save(path)
+
+
 def time_one_txt2img(ckpt, args, runs: int = 3) -> float:
     from ldm_core.pipeline import GenerationParams, txt2img
 
@@ -103,6 +126,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--grid", help="save the first --grid-size images with their prompts here")
+    p.add_argument("--grid-size", type=int, default=24)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -144,6 +169,9 @@ def main() -> int:
         t = time_one_txt2img(ckpt, args)
         result["txt2img_20_steps_seconds"] = t
         print(f"one 20-step 64x64 txt2img (pipeline, best of 3): {t:.3f} s (goal <= 1 s)")
+    if args.grid:
+        save_grid(images[: args.grid_size], prompts[: args.grid_size], args.grid)
+        print(f"grid of the first {min(args.grid_size, len(prompts))} images: {args.grid}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -205,8 +205,12 @@ def train_autoencoder(
     *,
     resume: bool = True,
     init: dict[str, torch.Tensor] | None = None,
+    state_file: str | None = None,
 ) -> AutoencoderKL:
     """Train (or resume) the autoencoder in `workdir/ae_state.pt` until the time budget is spent.
+
+    `init` starts from given weights (with a fresh optimiser and learning-rate schedule: a warm
+    restart); `state_file` names the checkpoint of such a run so it resumes on its own.
 
     With `cfg.decoder_only` it fine-tunes the decoder of the autoencoder `init` (a state dict)
     with the encoder frozen, in `workdir/ae_decoder_state.pt`: the latents, and so a UNet trained
@@ -214,7 +218,8 @@ def train_autoencoder(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    state_path = workdir / ("ae_decoder_state.pt" if cfg.decoder_only else "ae_state.pt")
+    default_file = "ae_decoder_state.pt" if cfg.decoder_only else "ae_state.pt"
+    state_path = workdir / (state_file or default_file)
     torch.manual_seed(cfg.seed)
     ae = AutoencoderKL(vae_config)
     if init is not None:

@@ -500,10 +500,12 @@ def demo_metadata(
         "ldm.recommended": "20 steps, DPM++ 2M, CFG 5, 64x64",
         "ldm.training": (
             "python -m ldm_core.training.train_demo (ldm_core/training): KL autoencoder f=8 "
-            "(L1+L2+low-res L1, KL 1e-6) on fresh renders, then CLIP text encoder and UNet "
-            "trained jointly on posterior-mean latents x scale factor, eps objective, SD "
-            "scaled-linear betas (0.00085-0.012, 1000 steps), Min-SNR-5 weights, 10% caption "
-            "dropout, AdamW, EMA weights exported in fp16"
+            "(L1+L2+low-res L1+edge terms, shapes weighted over background, KL 1e-6) on fresh "
+            "renders, its decoder then fine-tuned with the encoder frozen; then CLIP text "
+            "encoder and UNet trained jointly on posterior-mean latents x scale factor, eps "
+            "objective, SD scaled-linear betas (0.00085-0.012, 1000 steps), x0-error weight "
+            "min(max(SNR, 1), 5), captions from train templates and a phrase grammar with word "
+            "noise, 10% caption dropout, AdamW, EMA weights exported in fp16"
         ),
         "ldm.params.unet": str(count_parameters(models.unet)),
         "ldm.params.text_encoder": str(count_parameters(models.text_encoder)),

@@ -5,11 +5,14 @@
 
 Stages (each resumes from `--workdir` when re-run with the same arguments):
   1. autoencoder   KL autoencoder on fresh world renders; latent scale factor (`--ae-minutes`)
-  2. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`)
-  3. gate          the judge must read reconstructions as well as renders, or the run stops
-  4. latents       posterior means x scale factor of fresh captioned renders
-  5. ldm           text encoder + UNet, eps objective, 10% caption dropout, EMA (`--ldm-minutes`)
-  6. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
+  2. restart       the same, warm-restarted at a lower learning rate (`--ae-restart-minutes`)
+  3. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`)
+  4. gate          the judge must read reconstructions as well as renders, or the run stops
+  5. latents       posterior means x scale factor of fresh captioned renders
+  6. ldm           text encoder + UNet, eps objective, 10% caption dropout, EMA (`--ldm-minutes`)
+  7. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
+
+About 85 minutes on 2 CPU cores with the defaults.
 
 This module is the command-line entry of the training recipe (like `launch.py` for the app);
 the stages themselves are library functions in `autoencoder.py` and `ldm.py`.
@@ -37,10 +40,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="models/Stable-diffusion/demo-shapes.safetensors")
     p.add_argument("--workdir", default="/tmp/demo-train")
     p.add_argument("--ae-minutes", type=float, default=25.0)
-    p.add_argument("--ldm-minutes", type=float, default=48.0)
+    p.add_argument("--ldm-minutes", type=float, default=40.0)
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
-    p.add_argument("--decoder-minutes", type=float, default=5.0, help="0: skip the stage")
+    p.add_argument(
+        "--ae-restart-minutes",
+        type=float,
+        default=12.0,
+        help="a warm restart of the whole autoencoder at a lower learning rate; 0: skip",
+    )
+    p.add_argument("--decoder-minutes", type=float, default=4.0, help="0: skip the stage")
     p.add_argument("--gate-tolerance", type=float, default=0.02)
     p.add_argument("--num-latents", type=int, default=30_000)
     p.add_argument("--threads", type=int, default=2)
@@ -81,6 +90,46 @@ def stage_autoencoder(args, workdir: Path):
     ae = ae_mod.train_autoencoder(workdir, cfg, vae_config, resume=not args.no_resume)
     scale_factor = ae_mod.latent_scale_factor(ae)
     log.info("autoencoder: scale factor %.5f (%.1f s)", scale_factor, time.monotonic() - t0)
+    torch.save(
+        {"model": ae.state_dict(), "scale_factor": scale_factor, "config": asdict(cfg)}, final
+    )
+    return ae, scale_factor
+
+
+def stage_ae_restart(args, workdir: Path, ae, scale_factor: float):
+    """Train the whole autoencoder again from its weights with a fresh, lower learning-rate cycle.
+
+    Measured: the first cycle's loss sits on a plateau for about 1,400 steps, then falls fast
+    until the cosine schedule has run out (small shapes still came back as blobs, and the judge
+    read 86% of reconstructed shapes right); a second cycle continues that fall.
+    """
+    final = workdir / "ae_restart_final.pt"
+    if args.ae_restart_minutes <= 0:
+        return ae, scale_factor
+    if final.exists() and not args.no_resume:
+        state = torch.load(final, map_location="cpu", weights_only=True)
+        ae.load_state_dict(state["model"])
+        log.info("autoencoder restart: loaded %s", final)
+        return ae, float(state["scale_factor"])
+    cfg = ae_mod.AETrainConfig(
+        minutes=args.ae_restart_minutes,
+        seed=args.seed + 2,
+        bf16=not args.no_bf16,
+        threads=args.threads,
+        batch_size=args.ae_batch,
+        lr=1e-3,
+        warmup_steps=20,
+    )
+    ae = ae_mod.train_autoencoder(
+        workdir,
+        cfg,
+        ae.config,
+        resume=not args.no_resume,
+        init=ae.state_dict(),
+        state_file="ae_restart_state.pt",
+    )
+    scale_factor = ae_mod.latent_scale_factor(ae)
+    log.info("autoencoder restart: scale factor %.5f", scale_factor)
     torch.save(
         {"model": ae.state_dict(), "scale_factor": scale_factor, "config": asdict(cfg)}, final
     )
@@ -143,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     ae, scale_factor = stage_autoencoder(args, workdir)
     log.info("stage autoencoder done at %.1f min", (time.monotonic() - t0) / 60)
+    ae, scale_factor = stage_ae_restart(args, workdir, ae, scale_factor)
+    log.info("stage autoencoder restart done at %.1f min", (time.monotonic() - t0) / 60)
     ae = stage_decoder(args, workdir, ae)
     ae.eval()
     log.info("stage decoder done at %.1f min", (time.monotonic() - t0) / 60)
