@@ -63,6 +63,23 @@ def test_recipe_stages_end_to_end(tmp_path):
     gate = ae_mod.gate_autoencoder(ae, constant_judge, num_images=4)
     assert gate["passed"] and set(gate["renders"]) == set(world.ATTRIBUTES)
 
+    # a warm restart keeps its own checkpoint: it starts at step 0 from `init`
+    restart_cfg = ae_mod.AETrainConfig(
+        minutes=1.0, batch_size=2, max_steps=1, bf16=False, threads=1, lr=1e-3
+    )
+    restarted = ae_mod.train_autoencoder(
+        tmp_path,
+        restart_cfg,
+        TINY_VAE,
+        resume=True,
+        init=ae.state_dict(),
+        state_file="ae_restart_state.pt",
+    )
+    assert torch.load(tmp_path / "ae_restart_state.pt", weights_only=True)["step"] == 1
+    assert torch.load(tmp_path / "ae_state.pt", weights_only=True)["step"] == 3
+    before, after = ae.state_dict(), restarted.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
     ft_cfg = ae_mod.AETrainConfig(
         minutes=1.0, batch_size=2, max_steps=1, bf16=False, threads=1, decoder_only=True
     )
