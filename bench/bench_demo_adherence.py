@@ -65,6 +65,7 @@ def _local_images(ckpt, prompts: list[str], args) -> torch.Tensor:
             guidance_scale=args.cfg,
             sampler=args.sampler,
             seed=args.seed + i,
+            prediction=ckpt.prediction.value,
         )
         out.append(ckpt.vae.decode(lat / ckpt.scale_factor).clamp(-1, 1))
     return torch.cat(out)

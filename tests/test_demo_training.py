@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from ldm_core.config import TextEncoderConfig, UNetConfig, VAEConfig
 from ldm_core.loader import load_checkpoint
+from ldm_core.schedules import ModelSampling
 from ldm_core.training import autoencoder as ae_mod
 from ldm_core.training import ldm as ldm_mod
 from ldm_core.training import world
@@ -110,5 +113,37 @@ def test_recipe_stages_end_to_end(tmp_path):
     assert ckpt.scale_factor == pytest.approx(scale_factor, rel=1e-3)
     assert ckpt.spec.unet.model_channels == 32 and ckpt.spec.text_encoders[0].hidden_size == 64
     assert ckpt.metadata["ldm.default_size"] == "64"
+    assert models.prediction == "v" and ckpt.prediction.value == "v"  # read from the metadata
     latents = ldm_mod.generate_latents(ckpt.unet, ckpt.text_encoders[0], ["a red circle"], steps=2)
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+class _OracleUNet(torch.nn.Module):
+    """Predicts eps or v exactly for one known clean latent: sampling must return that latent."""
+
+    def __init__(self, x0: torch.Tensor, prediction: str):
+        super().__init__()
+        self.x0, self.prediction = x0, prediction
+        self.config = SimpleNamespace(in_channels=x0.shape[1])
+        self.ms = ModelSampling.discrete()
+
+    def forward(self, x_in, t, context):
+        sigma = self.ms.t_to_sigma(t).view(-1, 1, 1, 1)
+        sa, s1a = 1 / (sigma**2 + 1).sqrt(), sigma / (sigma**2 + 1).sqrt()  # sqrt(a), sqrt(1 - a)
+        eps = (x_in - sa * self.x0) / s1a
+        return eps if self.prediction == "eps" else sa * eps - s1a * self.x0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sampling_loop_reads_eps_and_v_outputs(prediction):
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    text = ldm_mod.build_models(TINY_UNET, TINY_TEXT).text_encoder
+    unet = _OracleUNet(x0.expand(4, -1, -1, -1), prediction)
+    out = ldm_mod.generate_latents(unet, text, ["a", "b"], steps=6, prediction=prediction)
+    assert torch.allclose(out, x0.expand(2, -1, -1, -1), atol=1e-3)
+    wrong = "v" if prediction == "eps" else "eps"
+    # one step returns the first x0 estimate, at sigma_max, where the two readings differ most
+    one = ldm_mod.generate_latents(unet, text, ["a", "b"], steps=1, prediction=prediction)
+    assert torch.allclose(one, x0.expand(2, -1, -1, -1), atol=1e-3)
+    bad = ldm_mod.generate_latents(unet, text, ["a", "b"], steps=1, prediction=wrong)
+    assert (bad - x0).abs().max() > 0.1

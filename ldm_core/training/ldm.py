@@ -2,8 +2,9 @@
 
 Follows the LDM paper's conditional model (Rombach et al. 2022, arXiv:2112.10752) as Stable
 Diffusion 1.x does it: a CLIP-style text transformer (here trained from scratch, real CLIP BPE
-tokenizer, BOS/EOS and EOS padding to 77 tokens) feeds cross-attention in a UNet that predicts
-the noise (eps objective) on SD's scaled-linear beta schedule. 10% of captions are replaced by
+tokenizer, BOS/EOS and EOS padding to 77 tokens) feeds cross-attention in a UNet on SD's
+scaled-linear beta schedule; the UNet predicts the velocity v, as SD 2's 768-v models do (the
+file says so in `modelspec.prediction_type`, which the loader reads). 10% of captions are replaced by
 the empty prompt, which the same text encoder encodes, for classifier-free guidance (Ho &
 Salimans 2022). Loss weights follow Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556), which
 converges faster for short budgets. AdamW with warm-up and time-based cosine decay, gradient
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 
 # Text heads are hidden // 64 (detection's rule), so 96 wide -> 1 head. Its token embedding
 # (49408 x 96) is most of its parameters; 96 keeps the whole file under 30 MB.
-DEMO_TEXT_CONFIG = TextEncoderConfig(hidden_size=96, intermediate_size=384, num_layers=3, num_heads=1)
+DEMO_TEXT_CONFIG = TextEncoderConfig(
+    hidden_size=96, intermediate_size=384, num_layers=3, num_heads=1
+)
 # SD1 layout (conv proj_in, 8 heads per attention layer): 64-128-128 channels at 8/4/2 latent cells.
 DEMO_UNET_CONFIG = UNetConfig(
     model_channels=64,
@@ -62,6 +65,7 @@ class LDMTrainConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     x0_weight_floor: float = 1.0
+    prediction: str = "v"
     ema_decay: float = 0.997
     grad_clip: float = 1.0
     seed: int = 0
@@ -140,6 +144,7 @@ def tokenize(prompts: list[str]) -> torch.Tensor:
 class DemoModels:
     unet: UNetModel
     text_encoder: TextEncoder
+    prediction: str = "eps"  # what the UNet outputs: "eps" (noise) or "v" (velocity)
 
 
 def build_models(
@@ -182,15 +187,24 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     bf16: bool = False,
     x0_weight_floor: float = 0.0,
+    prediction: str = "eps",
 ) -> torch.Tensor:
-    """Weighted eps-prediction MSE. latents [B, 4, h, w] (scaled), input_ids [B, 77].
+    """Weighted eps- or v-prediction MSE. latents [B, 4, h, w] (scaled), input_ids [B, 77].
 
-    In terms of the implied x0 error, plain eps MSE weighs each timestep by its SNR. Min-SNR-gamma
-    caps that weight at gamma; `x0_weight_floor` also raises it to at least the floor (a floor of
-    1 is the "truncated SNR" weighting max(SNR, 1) of progressive distillation, capped). Without
-    the floor the x0 error at high noise, where the text alone must decide the layout (the SNR
-    at t = 999 is 0.005), hardly counts, and the first demo run learnt colours but not positions.
+    Weights are set on the implied x0 error: eps MSE is SNR x the x0 MSE, v MSE is (SNR + 1) x
+    the x0 MSE. Min-SNR-gamma caps the x0 weight at gamma; `x0_weight_floor` also raises it to at
+    least the floor (a floor of 1 is the "truncated SNR" weighting max(SNR, 1) of progressive
+    distillation, capped). Without the floor the x0 error at high noise, where the text alone
+    must decide the layout (the SNR at t = 999 is 0.005), hardly counts, and the first demo run
+    learnt colours but not positions.
+
+    v rather than eps: at t = 999 an eps model's x0 estimate is (x_t - 0.998 eps) / 0.068, so
+    its errors reach the image 15x amplified; measured on an eps run with the floor, the x0
+    estimates at high noise were the same blobs whatever the prompt said about position, while
+    a v model predicts x0 there almost directly (SD 2's 768-v models use it for the same reason).
     """
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     b = latents.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -198,11 +212,16 @@ def diffusion_loss(
     noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         context = models.text_encoder(input_ids)
-        eps = models.unet(noisy, t, context)
+        out = models.unet(noisy, t, context)
     snr = (ac / (1 - ac)).view(b)
     x0_weight = snr.clamp(max=min_snr_gamma) if min_snr_gamma > 0 else snr
-    weight = x0_weight.clamp(min=x0_weight_floor) / snr
-    per_sample = F.mse_loss(eps.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    x0_weight = x0_weight.clamp(min=x0_weight_floor)
+    if prediction == "v":
+        target = ac.sqrt() * noise - (1 - ac).sqrt() * latents
+        weight = x0_weight / (snr + 1)
+    else:
+        target, weight = noise, x0_weight / snr
+    per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()
 
 
@@ -312,6 +331,7 @@ def train_ldm(
             generator,
             cfg.bf16,
             cfg.x0_weight_floor,
+            cfg.prediction,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -341,7 +361,7 @@ def train_ldm(
         if vae is not None and time.monotonic() - last_eval > cfg.eval_minutes * 60:
             judge = judge if judge is not None else _try_judge()
             if judge is not None:
-                ema = DemoModels(ema_unet.module, ema_text.module)
+                ema = DemoModels(ema_unet.module, ema_text.module, cfg.prediction)
                 acc = evaluate_adherence(
                     ema, vae, data.scale_factor, judge, num_prompts=cfg.eval_prompts
                 )
@@ -350,7 +370,7 @@ def train_ldm(
             last_eval = time.monotonic()
     checkpoint()
     log.info("ldm: done, %d steps in %.1f min", step, (time.monotonic() - start) / 60)
-    return DemoModels(ema_unet.module.eval(), ema_text.module.eval())
+    return DemoModels(ema_unet.module.eval(), ema_text.module.eval(), cfg.prediction)
 
 
 # -- sampling and evaluation ------------------------------------------------------------------------
@@ -368,6 +388,7 @@ def generate_latents(
     seed: int = 0,
     negative_prompt: str = "",
     latent_size: int = 8,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """A minimal txt2img loop (k-diffusion style, CFG in one batch) -> scaled latents [B, 4, h, w]."""
     from ldm_core.samplers import SAMPLERS, sampling_sigmas
@@ -384,10 +405,13 @@ def generate_latents(
         sigma = sigma.reshape(-1).expand(n)
         c_in = (1.0 / (sigma**2 + 1).sqrt()).view(-1, 1, 1, 1)
         t = ms.sigma_to_t(sigma).float()
-        eps = unet(torch.cat([x * c_in] * 2), torch.cat([t, t]), context).float()
-        cond, uncond = eps.chunk(2)
-        eps = uncond + guidance_scale * (cond - uncond)
-        return x - sigma.view(-1, 1, 1, 1) * eps
+        out = unet(torch.cat([x * c_in] * 2), torch.cat([t, t]), context).float()
+        cond, uncond = out.chunk(2)
+        out = uncond + guidance_scale * (cond - uncond)
+        s = sigma.view(-1, 1, 1, 1)
+        if prediction == "v":  # x0 = x / (s^2 + 1) - v s / sqrt(s^2 + 1)
+            return x / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+        return x - s * out
 
     return SAMPLERS[sampler](denoise, x, sigmas)
 
@@ -418,6 +442,7 @@ def evaluate_adherence(
             steps=steps,
             guidance_scale=guidance_scale,
             seed=seed + i,
+            prediction=models.prediction,
         )
         images.append(vae.decode(lat / scale_factor).clamp(-1, 1))
     preds = judge(torch.cat(images))
@@ -453,6 +478,7 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
         models.text_encoder.load_state_dict(state["text_encoder"])
         models.unet.eval()
         models.text_encoder.eval()
+        models.prediction = state.get("config", {}).get("prediction", "eps")
         log.info("ldm: loaded EMA weights from %s", final)
         return models
     cfg = LDMTrainConfig(
@@ -488,6 +514,7 @@ def demo_metadata(
             "A tiny latent diffusion model trained from scratch in this repository on a synthetic "
             "world: one or two flat-coloured shapes on a plain background, 64x64."
         ),
+        "modelspec.prediction_type": "v" if models.prediction == "v" else "epsilon",
         "ldm.name": "demo-shapes",
         "ldm.default_size": "64",
         "ldm.resolution": "64",
@@ -502,9 +529,9 @@ def demo_metadata(
             "python -m ldm_core.training.train_demo (ldm_core/training): KL autoencoder f=8 "
             "(L1+L2+low-res L1+edge terms, shapes weighted over background, KL 1e-6) on fresh "
             "renders, its decoder then fine-tuned with the encoder frozen; then CLIP text "
-            "encoder and UNet trained jointly on posterior-mean latents x scale factor, eps "
-            "objective, SD scaled-linear betas (0.00085-0.012, 1000 steps), x0-error weight "
-            "min(max(SNR, 1), 5), captions from train templates and a phrase grammar with word "
+            "encoder and UNet trained jointly on posterior-mean latents x scale factor, "
+            f"{models.prediction} objective, SD scaled-linear betas (0.00085-0.012, 1000 "
+            "steps), x0-error weight min(max(SNR, 1), 5), captions from train templates and a phrase grammar with word "
             "noise, 10% caption dropout, AdamW, EMA weights exported in fp16"
         ),
         "ldm.params.unet": str(count_parameters(models.unet)),
@@ -549,6 +576,10 @@ def export_demo(
     if abs(ckpt.scale_factor - scale_factor) > 1e-3 * scale_factor:
         raise RuntimeError(
             f"{path}: scale factor {ckpt.scale_factor} after loading, expected {scale_factor}"
+        )
+    if ckpt.prediction.value != models.prediction:
+        raise RuntimeError(
+            f"{path}: detected {ckpt.prediction.value}-prediction, trained {models.prediction}"
         )
 
     def rounded(module: nn.Module) -> nn.Module:
