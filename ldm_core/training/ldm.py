@@ -32,8 +32,8 @@ from ldm_core.nn.unet import UNetModel
 from ldm_core.schedules import ModelSampling, alphas_cumprod_from_betas, scaled_linear_betas
 from ldm_core.tokenizer import get_tokenizer
 from ldm_core.training import world
-from ldm_core.training.captions import training_caption
 from ldm_core.training.autoencoder import StopFlag, ThreadTuner, encode_means, time_cosine_lr
+from ldm_core.training.captions import training_caption
 
 log = logging.getLogger(__name__)
 
