@@ -102,7 +102,22 @@ def test_recipe_stages_end_to_end(tmp_path):
     models = ldm_mod.train_ldm(tmp_path, data, ldm_cfg, resume=False, **kwargs)
     ldm_cfg.max_steps = 3
     models = ldm_mod.train_ldm(tmp_path, data, ldm_cfg, resume=True, **kwargs)
+    first = torch.load(tmp_path / "ldm_state.pt", weights_only=True)
+    assert first["step"] == 3
+
+    # the second cycle starts from the first one's weights and EMA, in its own checkpoint
+    restart_cfg = ldm_mod.LDMTrainConfig(minutes=1.0, batch_size=4, max_steps=1, threads=1, lr=0)
+    restarted = ldm_mod.train_ldm(
+        tmp_path, data, restart_cfg, init=first, state_file="ldm_restart_state.pt", **kwargs
+    )
+    assert torch.load(tmp_path / "ldm_restart_state.pt", weights_only=True)["step"] == 1
     assert torch.load(tmp_path / "ldm_state.pt", weights_only=True)["step"] == 3
+    # lr 0: the weights do not move; the EMA is already warm, so it takes one 0.997 step
+    # towards them (a fresh EMA's ramp would move it 82% of the way)
+    for name, value in restarted.unet.state_dict().items():
+        ema, raw = first["ema_unet"][name], first["unet"][name]
+        if ema.is_floating_point():
+            torch.testing.assert_close(value, ema + 0.003 * (raw - ema), rtol=0, atol=1e-7)
 
     out = tmp_path / "demo.safetensors"
     meta = ldm_mod.demo_metadata(scale_factor, gate, models, ae)

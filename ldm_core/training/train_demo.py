@@ -50,6 +50,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="a warm restart of the whole autoencoder at a lower learning rate; 0: skip",
     )
     p.add_argument("--decoder-minutes", type=float, default=4.0, help="0: skip the stage")
+    p.add_argument(
+        "--ldm-restart-minutes",
+        type=float,
+        default=80.0,
+        help="a second learning-rate cycle of the UNet and text encoder; 0: skip",
+    )
     p.add_argument("--gate-tolerance", type=float, default=0.02)
     p.add_argument("--num-latents", type=int, default=30_000)
     p.add_argument("--threads", type=int, default=2)
@@ -205,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
     data = ldm_mod.stage_latents(args, workdir, ae, scale_factor)
     log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
-    models = ldm_mod.stage_ldm(args, workdir, data, judge=_load_judge(), vae=ae)
+    judge = _load_judge()
+    models = ldm_mod.stage_ldm(args, workdir, data, judge=judge, vae=ae)
     log.info("stage ldm done at %.1f min", (time.monotonic() - t0) / 60)
+    models = ldm_mod.stage_ldm_restart(args, workdir, data, models, judge=judge, vae=ae)
+    log.info("stage ldm restart done at %.1f min", (time.monotonic() - t0) / 60)
     ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
     return 0
