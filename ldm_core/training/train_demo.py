@@ -53,7 +53,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ldm-restart-minutes",
         type=float,
-        default=80.0,
+        default=90.0,
         help="a second learning-rate cycle of the UNet and text encoder; 0: skip",
     )
     p.add_argument("--gate-tolerance", type=float, default=0.02)
