@@ -41,6 +41,31 @@ def test_grammar_captions_name_every_label(seed):
         assert sorted(colours) == sorted({obj.colour, scene.background}), text
 
 
+@pytest.mark.parametrize("parts", captions.PARTIAL_PARTS)
+def test_partial_captions_name_only_their_parts(parts):
+    rng = np.random.default_rng(5)
+    for scene in _scenes(300, 5, two_object_prob=0.0):
+        if scene.background == scene.main.colour:
+            continue
+        text = captions.grammar_caption(scene, rng, parts)
+        obj = scene.main
+        assert re.search(rf"\b{obj.colour}\b", text) and obj.shape in text, text
+        assert bool(re.search(rf"\b{scene.background}\b", text)) == ("bg" in parts), text
+        if "where" not in parts:
+            words = {w for v in world.POSITION_WORDS.values() for p in v for w in p.split()}
+            assert not set(re.findall(r"[a-z]+", text)) & words, text
+
+
+def test_some_training_captions_leave_out_position_and_background():
+    rng = np.random.default_rng(2)
+    scenes = [s for s in _scenes(2000, 2, two_object_prob=0.0) if s.background != s.main.colour]
+    texts = [captions.training_caption(s, rng, noise=0.0) for s in scenes]
+    no_bg = sum(
+        not re.search(rf"\b{s.background}\b", t) for s, t in zip(scenes, texts, strict=True)
+    )
+    assert 0.08 < no_bg / len(scenes) < 0.2, no_bg / len(scenes)  # 2/3 of the 20% partial share
+
+
 def test_perturb_keeps_label_words_and_changes_fillers():
     rng = np.random.default_rng(0)
     text = "a picture of a large red circle on the left, white background"

@@ -514,7 +514,13 @@ def _load_final(path: Path) -> DemoModels:
 
 
 def stage_ldm_restart(
-    args, workdir: Path, data: LatentDataset, models: DemoModels, judge=None, vae=None
+    args,
+    workdir: Path,
+    data: LatentDataset,
+    models: DemoModels,
+    judge=None,
+    vae=None,
+    init: dict | None = None,
 ) -> DemoModels:
     """A second cycle from the first one's weights and EMA, fresh optimiser, lower peak lr.
 
@@ -523,6 +529,8 @@ def stage_ldm_restart(
     learning rate, position rose to 26% after 500 more steps and 29% after 1,000, while
     sampling high noise levels more often (t drawn as 1000 u^0.5) did not speed it up (25%).
     Positions are simply learnt late here, so the second cycle buys steps.
+
+    `init` (weights and EMA, as in a state file) overrides the first cycle's `ldm_state.pt`.
     """
     minutes = getattr(args, "ldm_restart_minutes", 0.0)
     if minutes <= 0:
@@ -538,7 +546,9 @@ def stage_ldm_restart(
         lr=5e-4,
         warmup_steps=100,
     )
-    first = torch.load(workdir / "ldm_state.pt", map_location="cpu", weights_only=True)
+    first = init
+    if first is None:
+        first = torch.load(workdir / "ldm_state.pt", map_location="cpu", weights_only=True)
     models = train_ldm(
         workdir,
         data,
@@ -551,6 +561,13 @@ def stage_ldm_restart(
     )
     _save_final(models, cfg, final)
     return models
+
+
+def init_from_checkpoint(ckpt) -> dict:
+    """Weights of a shipped demo file as a warm-restart `init` (its EMA weights start both)."""
+    unet = {k: v.float() for k, v in ckpt.unet.state_dict().items()}
+    text = {k: v.float() for k, v in ckpt.text_encoders[0].state_dict().items()}
+    return {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text_encoder": text}
 
 
 def demo_metadata(
@@ -582,11 +599,13 @@ def demo_metadata(
         "ldm.training": (
             "python -m ldm_core.training.train_demo (ldm_core/training): KL autoencoder f=8 "
             "(L1+L2+low-res L1+edge terms, shapes weighted over background, KL 1e-6) on fresh "
-            "renders, its decoder then fine-tuned with the encoder frozen; then CLIP text "
-            "encoder and UNet trained jointly on posterior-mean latents x scale factor, "
-            f"{models.prediction} objective, SD scaled-linear betas (0.00085-0.012, 1000 "
-            "steps), x0-error weight min(max(SNR, 1), 5), captions from train templates and a phrase grammar with word "
-            "noise, 10% caption dropout, AdamW, EMA weights exported in fp16"
+            "renders in two cosine cycles, its decoder then fine-tuned with the encoder frozen; "
+            "then CLIP text encoder and UNet trained jointly on posterior-mean latents x scale "
+            f"factor in two cosine cycles, {models.prediction} objective, SD scaled-linear "
+            "betas (0.00085-0.012, 1000 steps), x0-error weight min(max(SNR, 1), 5), captions "
+            "from train templates and a phrase grammar with word noise, some leaving out the "
+            "position or background, 10% caption dropout, "
+            "AdamW, EMA weights exported in fp16"
         ),
         "ldm.params.unet": str(count_parameters(models.unet)),
         "ldm.params.text_encoder": str(count_parameters(models.text_encoder)),
