@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -162,3 +163,28 @@ def test_sampling_loop_reads_eps_and_v_outputs(prediction):
     assert torch.allclose(one, x0.expand(2, -1, -1, -1), atol=1e-3)
     bad = ldm_mod.generate_latents(unet, text, ["a", "b"], steps=1, prediction=wrong)
     assert (bad - x0).abs().max() > 0.1
+
+
+DEMO = Path(__file__).resolve().parents[1] / "models/Stable-diffusion/demo-shapes.safetensors"
+
+
+@pytest.mark.skipif(not DEMO.is_file(), reason="demo model not in this checkout")
+def test_continue_from_a_shipped_file_trains_the_ldm_and_keeps_the_autoencoder(tmp_path):
+    from ldm_core.training import train_demo
+
+    out = tmp_path / "more.safetensors"
+    common = ["--workdir", str(tmp_path), "--threads", "1", "--ldm-batch", "4"]
+    with pytest.raises(SystemExit, match="must differ"):
+        train_demo.main(["--continue-from", str(DEMO), "--out", str(DEMO), *common])
+    args = ["--continue-from", str(DEMO), "--out", str(out), "--num-latents", "8"]
+    assert train_demo.main([*args, "--ldm-restart-minutes", "0.02", *common]) == 0
+
+    src, new = load_checkpoint(DEMO), load_checkpoint(out)
+    assert new.prediction.value == "v" and new.scale_factor == pytest.approx(src.scale_factor)
+    assert new.metadata["ldm.ae_gate"] == src.metadata["ldm.ae_gate"]
+    for name, value in src.vae.state_dict().items():  # the autoencoder is frozen
+        assert torch.equal(new.vae.state_dict()[name], value), name
+    state = torch.load(tmp_path / "ldm_restart_state.pt", weights_only=True)
+    assert state["step"] >= 1
+    start = src.unet.state_dict()  # the file's EMA weights start both the weights and the EMA
+    assert any(not torch.equal(v, start[k].float()) for k, v in state["ema_unet"].items())
