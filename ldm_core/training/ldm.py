@@ -517,7 +517,7 @@ def stage_ldm_restart(
     args,
     workdir: Path,
     data: LatentDataset,
-    models: DemoModels,
+    models: DemoModels | None,
     judge=None,
     vae=None,
     init: dict | None = None,
@@ -530,7 +530,8 @@ def stage_ldm_restart(
     sampling high noise levels more often (t drawn as 1000 u^0.5) did not speed it up (25%).
     Positions are simply learnt late here, so the second cycle buys steps.
 
-    `init` (weights and EMA, as in a state file) overrides the first cycle's `ldm_state.pt`.
+    `init` (weights and EMA, as in a state file) overrides the first cycle's `ldm_state.pt`;
+    `models` (the first cycle's EMA models) is what comes back when the stage is switched off.
     """
     minutes = getattr(args, "ldm_restart_minutes", 0.0)
     if minutes <= 0:

@@ -211,15 +211,11 @@ def continue_from(args, workdir: Path, t0: float) -> int:
     scale_factor = ckpt.scale_factor
     gate = json.loads(ckpt.metadata["ldm.ae_gate"]) if "ldm.ae_gate" in ckpt.metadata else None
     init = ldm_mod.init_from_checkpoint(ckpt)
-    models = ldm_mod.build_models()
-    models.unet.load_state_dict(init["unet"])
-    models.text_encoder.load_state_dict(init["text_encoder"])
-    models.prediction = ckpt.prediction.value
     del ckpt
     data = ldm_mod.stage_latents(args, workdir, ae, scale_factor)
     log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
     judge = _load_judge()
-    models = ldm_mod.stage_ldm_restart(args, workdir, data, models, judge=judge, vae=ae, init=init)
+    models = ldm_mod.stage_ldm_restart(args, workdir, data, None, judge=judge, vae=ae, init=init)
     log.info("stage ldm restart done at %.1f min", (time.monotonic() - t0) / 60)
     ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
