@@ -490,6 +490,7 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
         seed=args.seed,
         threads=args.threads,
         batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
+        lr=getattr(args, "ldm_lr", LDMTrainConfig.lr),
     )
     models = train_ldm(workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae)
     _save_final(models, cfg, final)
@@ -577,8 +578,12 @@ def demo_metadata(
     models: DemoModels,
     vae: AutoencoderKL,
     extra: dict | None = None,
+    ldm_schedule: str = "one cosine cycle",
 ) -> dict[str, str]:
-    """`__metadata__` of the shipped file: what it is, what it draws and how it was made."""
+    """`__metadata__` of the shipped file: what it is, what it draws and how it was made.
+
+    `ldm_schedule` says how the text encoder and UNet were trained ("one cosine cycle", ...).
+    """
     meta = {
         "modelspec.title": "demo-shapes",
         "modelspec.architecture": "stable-diffusion-v1",
@@ -602,7 +607,7 @@ def demo_metadata(
             "(L1+L2+low-res L1+edge terms, shapes weighted over background, KL 1e-6) on fresh "
             "renders in two cosine cycles, its decoder then fine-tuned with the encoder frozen; "
             "then CLIP text encoder and UNet trained jointly on posterior-mean latents x scale "
-            f"factor in two cosine cycles, {models.prediction} objective, SD scaled-linear "
+            f"factor in {ldm_schedule}, {models.prediction} objective, SD scaled-linear "
             "betas (0.00085-0.012, 1000 steps), x0-error weight min(max(SNR, 1), 5), captions "
             "from train templates and a phrase grammar with word noise, some leaving out the "
             "position or background, 10% caption dropout, "
@@ -690,5 +695,24 @@ def stage_export(
     ):  # the decoder fine-tuned with the encoder frozen (train_demo stage)
         vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["model"])
         log.info("export: using the fine-tuned decoder from %s", decoder)
-    meta = demo_metadata(scale_factor, gate, models, vae)
+    # the arguments that shaped the weights, so a file says which recipe made it
+    recipe = {
+        k: v
+        for k, v in sorted(vars(args).items())
+        if k.startswith(("ae_", "ldm_", "decoder_", "num_", "seed", "continue_from"))
+    }
+    if getattr(args, "continue_from", None):
+        schedule = f"a further cosine cycle on {Path(args.continue_from).name}"
+    elif getattr(args, "ldm_restart_minutes", 0) > 0:
+        schedule = "two cosine cycles"
+    else:
+        schedule = "one cosine cycle"
+    meta = demo_metadata(
+        scale_factor,
+        gate,
+        models,
+        vae,
+        extra={"ldm.recipe": json.dumps(recipe)},
+        ldm_schedule=schedule,
+    )
     return export_demo(args.out, models, vae, scale_factor, meta)

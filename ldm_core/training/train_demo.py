@@ -41,22 +41,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/Stable-diffusion/demo-shapes.safetensors")
     p.add_argument("--workdir", default="/tmp/demo-train")
-    p.add_argument("--ae-minutes", type=float, default=25.0)
-    p.add_argument("--ldm-minutes", type=float, default=40.0)
+    p.add_argument("--ae-minutes", type=float, default=20.0)
+    p.add_argument("--ldm-minutes", type=float, default=52.0)
     p.add_argument("--ae-batch", type=int, default=16)
-    p.add_argument("--ldm-batch", type=int, default=64)
+    p.add_argument("--ldm-batch", type=int, default=32)
+    p.add_argument("--ldm-lr", type=float, default=6e-4, help="peak learning rate of stage 6")
     p.add_argument(
         "--ae-restart-minutes",
         type=float,
-        default=12.0,
+        default=10.0,
         help="a warm restart of the whole autoencoder at a lower learning rate; 0: skip",
     )
-    p.add_argument("--decoder-minutes", type=float, default=4.0, help="0: skip the stage")
+    p.add_argument("--decoder-minutes", type=float, default=3.0, help="0: skip the stage")
     p.add_argument(
         "--ldm-restart-minutes",
         type=float,
-        default=90.0,
-        help="a second learning-rate cycle of the UNet and text encoder; 0: skip",
+        default=0.0,
+        help="a second learning-rate cycle of the UNet and text encoder (0: skip; "
+        "--continue-from needs it)",
     )
     p.add_argument("--gate-tolerance", type=float, default=0.02)
     p.add_argument("--num-latents", type=int, default=30_000)
