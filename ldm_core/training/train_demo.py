@@ -13,8 +13,10 @@ Stages (each resumes from `--workdir` when re-run with the same arguments):
   7. ldm restart   a second cycle from its weights and EMA (`--ldm-restart-minutes`)
   8. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
 
-About 175 minutes on 2 CPU cores with the defaults. `--continue-from FILE` runs stages 5, 7 and
-8 on an exported demo file (its frozen autoencoder, its EMA weights as the start).
+About 170 minutes on 2 CPU cores with the defaults (37 to the latents, 130 for the LDM); see
+docs/demo-model.md for why the LDM needs that long.
+`--continue-from FILE` runs stages 5, 7 and 8 on an exported demo file (its frozen autoencoder,
+its EMA weights as the start).
 
 This module is the command-line entry of the training recipe (like `launch.py` for the app);
 the stages themselves are library functions in `autoencoder.py` and `ldm.py`.
@@ -42,10 +44,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="models/Stable-diffusion/demo-shapes.safetensors")
     p.add_argument("--workdir", default="/tmp/demo-train")
     p.add_argument("--ae-minutes", type=float, default=20.0)
-    p.add_argument("--ldm-minutes", type=float, default=52.0)
+    p.add_argument("--ldm-minutes", type=float, default=40.0)
     p.add_argument("--ae-batch", type=int, default=16)
-    p.add_argument("--ldm-batch", type=int, default=32)
-    p.add_argument("--ldm-lr", type=float, default=6e-4, help="peak learning rate of stage 6")
+    p.add_argument("--ldm-batch", type=int, default=64)
+    p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 6")
     p.add_argument(
         "--ae-restart-minutes",
         type=float,
@@ -56,9 +58,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ldm-restart-minutes",
         type=float,
-        default=0.0,
-        help="a second learning-rate cycle of the UNet and text encoder (0: skip; "
-        "--continue-from needs it)",
+        default=90.0,
+        help="a second learning-rate cycle of the UNet and text encoder; 0: skip",
     )
     p.add_argument("--gate-tolerance", type=float, default=0.02)
     p.add_argument("--num-latents", type=int, default=30_000)
