@@ -185,7 +185,7 @@ def test_continue_from_a_shipped_file_trains_the_ldm_and_keeps_the_autoencoder(t
     assert new.metadata["ldm.ae_gate"] == src.metadata["ldm.ae_gate"]
     # the file says what made it: the arguments of the run and the kind of schedule
     recipe = json.loads(new.metadata["ldm.recipe"])
-    assert recipe["continue_from"] == str(DEMO) and recipe["ldm_batch"] == 4
+    assert recipe["continue_from"] == DEMO.name and recipe["ldm_batch"] == 4
     assert recipe["ldm_restart_minutes"] == 0.02 and recipe["num_latents"] == 8
     assert "a further cosine cycle on demo-shapes.safetensors" in new.metadata["ldm.training"]
     new_vae = new.vae.state_dict()

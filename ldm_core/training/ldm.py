@@ -701,6 +701,8 @@ def stage_export(
         for k, v in sorted(vars(args).items())
         if k.startswith(("ae_", "ldm_", "decoder_", "num_", "seed", "continue_from"))
     }
+    if recipe.get("continue_from"):  # the file's name, not a path on the trainer's machine
+        recipe["continue_from"] = Path(recipe["continue_from"]).name
     if getattr(args, "continue_from", None):
         schedule = f"a further cosine cycle on {Path(args.continue_from).name}"
     elif getattr(args, "ldm_restart_minutes", 0) > 0:
