@@ -703,8 +703,7 @@ def stage_export(
     }
     if recipe.get("continue_from"):  # the file's name, not a path on the trainer's machine
         recipe["continue_from"] = Path(recipe["continue_from"]).name
-    if getattr(args, "continue_from", None):
-        schedule = f"a further cosine cycle on {Path(args.continue_from).name}"
+        schedule = f"a further cosine cycle on {recipe['continue_from']}"
     elif getattr(args, "ldm_restart_minutes", 0) > 0:
         schedule = "two cosine cycles"
     else:
