@@ -170,15 +170,35 @@ def test_escape_interrupts_and_keeps_finished_images(page):
     shot(page, "txt2img-interrupted")
 
 
+def canvas_shows_blue(canvas) -> bool:
+    pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.int16)
+    blue = (np.abs(pixels - np.array([40, 90, 200])).max(axis=2) < 30).mean()
+    return blue > 0.05
+
+
+def upload_and_wait_for_blue(page, canvas, path: Path) -> None:
+    for attempt in range(3):
+        page.locator("#inpaint_editor input[type=file]").set_input_files(str(path))
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if canvas_shows_blue(canvas):
+                page.wait_for_timeout(300)
+                return
+            page.wait_for_timeout(100)
+    raise AssertionError("the uploaded picture never appeared in the inpaint editor")
+
+
 def test_paint_a_mask_and_inpaint(page, tmp_path):
     source = Image.new("RGB", (64, 64), (40, 90, 200))
     ImageDraw.Draw(source).ellipse((16, 16, 48, 48), fill=(230, 200, 40))
     source.save(tmp_path / "source.png")
     page.get_by_role("tab", name="Inpaint").click()
-    page.locator("#inpaint_editor input[type=file]").set_input_files(str(tmp_path / "source.png"))
+    # The editor draws on a canvas it creates asynchronously; an upload that lands before the
+    # canvas exists is lost (seen once on a loaded machine). Wait for the canvas, upload, then
+    # wait until the canvas shows the picture's blue before painting over it.
     canvas = page.locator("#inpaint_editor canvas").first
     canvas.wait_for()
-    page.wait_for_timeout(1500)
+    upload_and_wait_for_blue(page, canvas, tmp_path / "source.png")
     page.fill("#inpaint_prompt textarea", "a green square")
     set_number(page, "inpaint_steps", 6)
     set_number(page, "inpaint_mask_blur", 0)
