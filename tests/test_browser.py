@@ -177,7 +177,7 @@ def canvas_shows_blue(canvas) -> bool:
 
 
 def upload_and_wait_for_blue(page, canvas, path: Path) -> None:
-    for attempt in range(3):
+    for _attempt in range(3):
         page.locator("#inpaint_editor input[type=file]").set_input_files(str(path))
         deadline = time.time() + 20
         while time.time() < deadline:
