@@ -66,6 +66,7 @@ def _local_images(ckpt, prompts: list[str], args) -> torch.Tensor:
             sampler=args.sampler,
             seed=args.seed + i,
             prediction=ckpt.prediction.value,
+            zero_terminal_snr=ckpt.spec.zero_terminal_snr,
         )
         out.append(ckpt.vae.decode(lat / ckpt.scale_factor).clamp(-1, 1))
     return torch.cat(out)

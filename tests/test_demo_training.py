@@ -138,11 +138,11 @@ def test_recipe_stages_end_to_end(tmp_path):
 class _OracleUNet(torch.nn.Module):
     """Predicts eps or v exactly for one known clean latent: sampling must return that latent."""
 
-    def __init__(self, x0: torch.Tensor, prediction: str):
+    def __init__(self, x0: torch.Tensor, prediction: str, zero_terminal_snr: bool = False):
         super().__init__()
         self.x0, self.prediction = x0, prediction
         self.config = SimpleNamespace(in_channels=x0.shape[1])
-        self.ms = ModelSampling.discrete()
+        self.ms = ModelSampling.discrete(zero_terminal_snr=zero_terminal_snr)
 
     def forward(self, x_in, t, context):
         sigma = self.ms.t_to_sigma(t).view(-1, 1, 1, 1)
@@ -164,6 +164,51 @@ def test_sampling_loop_reads_eps_and_v_outputs(prediction):
     assert torch.allclose(one, x0.expand(2, -1, -1, -1), atol=1e-3)
     bad = ldm_mod.generate_latents(unet, text, ["a", "b"], steps=1, prediction=wrong)
     assert (bad - x0).abs().max() > 0.1
+
+
+def test_zero_terminal_snr_schedule_sampling_and_file_marker(tmp_path):
+    plain, zt = ldm_mod.training_alphas_cumprod(False), ldm_mod.training_alphas_cumprod(True)
+    assert plain[-1] == pytest.approx(0.0047, abs=1e-4) and zt[-1] < 1e-7  # pure noise at t=999
+    assert zt[0] == pytest.approx(plain[0]) and (zt[1:] < plain[1:]).all()
+
+    # the sampler walks the rescaled schedule, from sigma_max ~4500: an oracle of that schedule
+    # is reproduced exactly, in 6 steps and by the first x0 estimate alone
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    text = ldm_mod.build_models(TINY_UNET, TINY_TEXT).text_encoder
+    unet = _OracleUNet(x0.expand(4, -1, -1, -1), "v", zero_terminal_snr=True)
+    for steps in (6, 1):
+        out = ldm_mod.generate_latents(
+            unet, text, ["a", "b"], steps=steps, prediction="v", zero_terminal_snr=True
+        )
+        assert torch.allclose(out, x0.expand(2, -1, -1, -1), atol=1e-3), steps
+
+    # a model trained on it says so in its file, and the loader reads it back
+    gen = torch.Generator().manual_seed(0)
+    scenes = world.SceneStream(1).batch(4).scenes
+    data = ldm_mod.LatentDataset(torch.randn(4, 4, 8, 8, generator=gen), scenes, 0.5)
+    cfg = ldm_mod.LDMTrainConfig(batch_size=2, max_steps=1, threads=1, zero_terminal_snr=True)
+    models = ldm_mod.train_ldm(
+        tmp_path, data, cfg, resume=False, unet_config=TINY_UNET, text_config=TINY_TEXT
+    )
+    assert models.zero_terminal_snr
+    vae = ae_mod.AutoencoderKL(TINY_VAE).eval()
+    meta = ldm_mod.demo_metadata(0.5, None, models, vae)
+    assert meta["modelspec.ztsnr"] == "true" and "zero terminal SNR" in meta["ldm.training"]
+    ldm_mod.export_demo(tmp_path / "zt.safetensors", models, vae, 0.5, meta)
+    assert load_checkpoint(tmp_path / "zt.safetensors").spec.zero_terminal_snr
+    models.zero_terminal_snr = False  # a file whose marker contradicts the training is refused
+    with pytest.raises(RuntimeError, match="zero-terminal-SNR"):
+        ldm_mod.export_demo(tmp_path / "bad.safetensors", models, vae, 0.5, meta)
+
+
+def test_bf16_autocast_only_where_the_cpu_has_native_kernels(monkeypatch):
+    from ldm_core.training import train_demo
+
+    for native in (False, True):
+        monkeypatch.setattr(ae_mod, "cpu_has_fast_bf16", lambda native=native: native)
+        assert ae_mod.AETrainConfig().bf16 is native
+        assert train_demo._bf16(SimpleNamespace(no_bf16=False)) is native
+        assert train_demo._bf16(SimpleNamespace(no_bf16=True)) is False
 
 
 DEMO = Path(__file__).resolve().parents[1] / "models/Stable-diffusion/demo-shapes.safetensors"

@@ -16,7 +16,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 # 32-64-128-128 channels: the first run's 32-64 one drew small shapes too vaguely for the judge
 # (87% shape on reconstructions); 128 channels at the 16x16 and 8x8 levels cost 1.4x the time.
 DEMO_VAE_CONFIG = VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, scale_factor=1.0)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX).
+
+    Without them, bf16 autocast on the CPU falls back to reference convolutions: measured on an
+    AMD EPYC with AVX2 only, one autoencoder training step (batch 16) took 30 s in bf16 against
+    1.1 s in fp32, while on a Xeon with AMX bf16 was the faster of the two.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -49,7 +62,7 @@ class AETrainConfig:
     seed: int = 0
     checkpoint_minutes: float = 3.0
     log_every: int = 25
-    bf16: bool = True
+    bf16: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     threads: int = 2
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
 

@@ -29,10 +29,16 @@ from ldm_core.config import TextEncoderConfig, UNetConfig
 from ldm_core.nn.autoencoder import AutoencoderKL
 from ldm_core.nn.text_encoders import TextEncoder
 from ldm_core.nn.unet import UNetModel
-from ldm_core.schedules import ModelSampling, alphas_cumprod_from_betas, scaled_linear_betas
+from ldm_core.schedules import ModelSampling
 from ldm_core.tokenizer import get_tokenizer
 from ldm_core.training import world
-from ldm_core.training.autoencoder import StopFlag, ThreadTuner, encode_means, time_cosine_lr
+from ldm_core.training.autoencoder import (
+    StopFlag,
+    ThreadTuner,
+    cpu_has_fast_bf16,
+    encode_means,
+    time_cosine_lr,
+)
 from ldm_core.training.captions import training_caption
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ class LDMTrainConfig:
     min_snr_gamma: float = 5.0
     x0_weight_floor: float = 1.0
     prediction: str = "v"
+    zero_terminal_snr: bool = False
     ema_decay: float = 0.997
     grad_clip: float = 1.0
     seed: int = 0
@@ -98,9 +105,19 @@ class LatentDataset:
 
 @torch.no_grad()
 def precompute_latents(
-    ae: AutoencoderKL, scale_factor: float, num: int, seed: int, chunk: int = 512, bf16: bool = True
+    ae: AutoencoderKL,
+    scale_factor: float,
+    num: int,
+    seed: int,
+    chunk: int = 512,
+    bf16: bool | None = None,
 ) -> LatentDataset:
-    """Render `num` fresh scenes and encode them (posterior means x scale factor)."""
+    """Render `num` fresh scenes and encode them (posterior means x scale factor).
+
+    `bf16`: encode under bf16 autocast; None uses it where the CPU has native bf16 kernels.
+    """
+    if bf16 is None:
+        bf16 = cpu_has_fast_bf16()
     stream = world.SceneStream(seed)
     latents, scenes = [], []
     t0 = time.monotonic()
@@ -145,6 +162,7 @@ class DemoModels:
     unet: UNetModel
     text_encoder: TextEncoder
     prediction: str = "eps"  # what the UNet outputs: "eps" (noise) or "v" (velocity)
+    zero_terminal_snr: bool = False  # trained on the rescaled schedule whose last SNR is ~0
 
 
 def build_models(
@@ -176,6 +194,13 @@ class EMA:
         ema = [t for t in self.module.state_dict().values() if t.is_floating_point()]
         cur = [t for t in module.state_dict().values() if t.is_floating_point()]
         torch._foreach_lerp_(ema, cur, 1.0 - d)
+
+
+def training_alphas_cumprod(zero_terminal_snr: bool = False) -> torch.Tensor:
+    """alpha_bar_t [1000] of SD's scaled-linear schedule, or of its zero-terminal-SNR rescale
+    (Lin et al. 2023, as the loader samples a file marked `modelspec.ztsnr`)."""
+    sigmas = ModelSampling.discrete(zero_terminal_snr=zero_terminal_snr).sigmas
+    return (1.0 / (sigmas**2 + 1.0)).float()
 
 
 def diffusion_loss(
@@ -293,7 +318,7 @@ def train_ldm(
         len(data.scenes),
         asdict(cfg),
     )
-    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas()).float()
+    alphas_cumprod = training_alphas_cumprod(cfg.zero_terminal_snr)
     n = len(data.scenes)
     budget = cfg.minutes * 60.0
     start = time.monotonic() - elapsed
@@ -373,7 +398,9 @@ def train_ldm(
         if vae is not None and time.monotonic() - last_eval > cfg.eval_minutes * 60:
             judge = judge if judge is not None else _try_judge()
             if judge is not None:
-                ema = DemoModels(ema_unet.module, ema_text.module, cfg.prediction)
+                ema = DemoModels(
+                    ema_unet.module, ema_text.module, cfg.prediction, cfg.zero_terminal_snr
+                )
                 acc = evaluate_adherence(
                     ema, vae, data.scale_factor, judge, num_prompts=cfg.eval_prompts
                 )
@@ -382,7 +409,9 @@ def train_ldm(
             last_eval = time.monotonic()
     checkpoint()
     log.info("ldm: done, %d steps in %.1f min", step, (time.monotonic() - start) / 60)
-    return DemoModels(ema_unet.module.eval(), ema_text.module.eval(), cfg.prediction)
+    return DemoModels(
+        ema_unet.module.eval(), ema_text.module.eval(), cfg.prediction, cfg.zero_terminal_snr
+    )
 
 
 # -- sampling and evaluation ------------------------------------------------------------------------
@@ -401,17 +430,19 @@ def generate_latents(
     negative_prompt: str = "",
     latent_size: int = 8,
     prediction: str = "eps",
+    zero_terminal_snr: bool = False,
 ) -> torch.Tensor:
     """A minimal txt2img loop (k-diffusion style, CFG in one batch) -> scaled latents [B, 4, h, w]."""
     from ldm_core.samplers import SAMPLERS, sampling_sigmas
 
-    ms = ModelSampling.discrete()
+    ms = ModelSampling.discrete(zero_terminal_snr=zero_terminal_snr)
     sigmas = sampling_sigmas(sampler, "Automatic", steps, ms).float()
     n = len(prompts)
     context = text_encoder(tokenize(list(prompts) + [negative_prompt] * n))  # [2B, 77, D]
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((n, unet.config.in_channels, latent_size, latent_size), generator=generator)
-    x = x * sigmas[0]
+    # as the pipeline starts a zero-terminal-SNR v model: unit-variance x_T in x0 scale
+    x = x * ((sigmas[0] ** 2 + 1).sqrt() if zero_terminal_snr else sigmas[0])
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.reshape(-1).expand(n)
@@ -455,6 +486,7 @@ def evaluate_adherence(
             guidance_scale=guidance_scale,
             seed=seed + i,
             prediction=models.prediction,
+            zero_terminal_snr=models.zero_terminal_snr,
         )
         images.append(vae.decode(lat / scale_factor).clamp(-1, 1))
     preds = judge(torch.cat(images))
@@ -491,6 +523,7 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
         threads=args.threads,
         batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
         lr=getattr(args, "ldm_lr", LDMTrainConfig.lr),
+        zero_terminal_snr=getattr(args, "ztsnr", False),
     )
     models = train_ldm(workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae)
     _save_final(models, cfg, final)
@@ -510,6 +543,7 @@ def _load_final(path: Path) -> DemoModels:
     models.unet.eval()
     models.text_encoder.eval()
     models.prediction = state.get("config", {}).get("prediction", "eps")
+    models.zero_terminal_snr = bool(state.get("config", {}).get("zero_terminal_snr", False))
     log.info("ldm: loaded EMA weights from %s", path)
     return models
 
@@ -547,6 +581,7 @@ def stage_ldm_restart(
         batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
         lr=5e-4,
         warmup_steps=100,
+        zero_terminal_snr=getattr(args, "ztsnr", False),
     )
     first = init
     if first is None:
@@ -592,6 +627,7 @@ def demo_metadata(
             "world: one or two flat-coloured shapes on a plain background, 64x64."
         ),
         "modelspec.prediction_type": "v" if models.prediction == "v" else "epsilon",
+        **({"modelspec.ztsnr": "true"} if models.zero_terminal_snr else {}),
         "ldm.name": "demo-shapes",
         "ldm.default_size": "64",
         "ldm.resolution": "64",
@@ -608,7 +644,8 @@ def demo_metadata(
             "renders in two cosine cycles, its decoder then fine-tuned with the encoder frozen; "
             "then CLIP text encoder and UNet trained jointly on posterior-mean latents x scale "
             f"factor in {ldm_schedule}, {models.prediction} objective, SD scaled-linear "
-            "betas (0.00085-0.012, 1000 steps), x0-error weight min(max(SNR, 1), 5), captions "
+            "betas (0.00085-0.012, 1000 steps"
+            f"{', rescaled to zero terminal SNR' if models.zero_terminal_snr else ''}), x0-error weight min(max(SNR, 1), 5), captions "
             "from train templates and a phrase grammar with word noise, some leaving out the "
             "position or background, 10% caption dropout, "
             "AdamW, EMA weights exported in fp16"
@@ -659,6 +696,11 @@ def export_demo(
     if ckpt.prediction.value != models.prediction:
         raise RuntimeError(
             f"{path}: detected {ckpt.prediction.value}-prediction, trained {models.prediction}"
+        )
+    if ckpt.spec.zero_terminal_snr != models.zero_terminal_snr:
+        raise RuntimeError(
+            f"{path}: detected zero-terminal-SNR {ckpt.spec.zero_terminal_snr}, "
+            f"trained with {models.zero_terminal_snr}"
         )
 
     def rounded(module: nn.Module) -> nn.Module:

@@ -61,13 +61,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=90.0,
         help="a second learning-rate cycle of the UNet and text encoder; 0: skip",
     )
+    p.add_argument(
+        "--ztsnr",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train the LDM on the zero-terminal-SNR schedule (the file is marked modelspec.ztsnr)",
+    )
     p.add_argument("--gate-tolerance", type=float, default=0.02)
     p.add_argument("--num-latents", type=int, default=30_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --workdir")
     p.add_argument("--skip-gate", action="store_true", help="continue even if the AE gate fails")
-    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="train the autoencoder in fp32 even where the CPU has native bf16 kernels",
+    )
     p.add_argument(
         "--continue-from",
         metavar="FILE",
@@ -75,6 +85,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "LDM cycle of --ldm-restart-minutes, its autoencoder frozen, and export to --out",
     )
     return p.parse_args(argv)
+
+
+def _bf16(args) -> bool:
+    """bf16 autocast for the autoencoder stages unless --no-bf16 or the CPU lacks native bf16."""
+    if args.no_bf16:
+        return False
+    if not ae_mod.cpu_has_fast_bf16():
+        log.info("this CPU has no native bf16 kernels: the autoencoder trains in fp32")
+        return False
+    return True
 
 
 def _load_judge():
@@ -99,7 +119,7 @@ def stage_autoencoder(args, workdir: Path):
     cfg = ae_mod.AETrainConfig(
         minutes=args.ae_minutes,
         seed=args.seed,
-        bf16=not args.no_bf16,
+        bf16=_bf16(args),
         threads=args.threads,
         batch_size=args.ae_batch,
     )
@@ -131,7 +151,7 @@ def stage_ae_restart(args, workdir: Path, ae, scale_factor: float):
     cfg = ae_mod.AETrainConfig(
         minutes=args.ae_restart_minutes,
         seed=args.seed + 2,
-        bf16=not args.no_bf16,
+        bf16=_bf16(args),
         threads=args.threads,
         batch_size=args.ae_batch,
         lr=1e-3,
@@ -181,7 +201,7 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
     cfg = ae_mod.AETrainConfig(
         minutes=args.decoder_minutes,
         seed=args.seed + 1,
-        bf16=not args.no_bf16,
+        bf16=_bf16(args),
         threads=threads or args.threads,
         batch_size=args.ae_batch,
         lr=5e-4,
@@ -212,6 +232,7 @@ def continue_from(args, workdir: Path, t0: float) -> int:
         )
     ae = ckpt.vae.eval().requires_grad_(False)
     scale_factor = ckpt.scale_factor
+    args.ztsnr = ckpt.spec.zero_terminal_snr  # a file keeps the noise schedule it was trained on
     gate = json.loads(ckpt.metadata["ldm.ae_gate"]) if "ldm.ae_gate" in ckpt.metadata else None
     init = ldm_mod.init_from_checkpoint(ckpt)
     del ckpt
