@@ -232,6 +232,7 @@ def test_continue_from_a_shipped_file_trains_the_ldm_and_keeps_the_autoencoder(t
     recipe = json.loads(new.metadata["ldm.recipe"])
     assert recipe["continue_from"] == DEMO.name and recipe["ldm_batch"] == 4
     assert recipe["ldm_restart_minutes"] == 0.02 and recipe["num_latents"] == 8
+    assert recipe["ztsnr"] is False  # as the shipped file was trained
     assert "a further cosine cycle on demo-shapes.safetensors" in new.metadata["ldm.training"]
     new_vae = new.vae.state_dict()
     for name, value in src.vae.state_dict().items():  # the autoencoder is frozen

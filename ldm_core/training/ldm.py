@@ -645,7 +645,8 @@ def demo_metadata(
             "then CLIP text encoder and UNet trained jointly on posterior-mean latents x scale "
             f"factor in {ldm_schedule}, {models.prediction} objective, SD scaled-linear "
             "betas (0.00085-0.012, 1000 steps"
-            f"{', rescaled to zero terminal SNR' if models.zero_terminal_snr else ''}), x0-error weight min(max(SNR, 1), 5), captions "
+            f"{', rescaled to zero terminal SNR' if models.zero_terminal_snr else ''}), "
+            "x0-error weight min(max(SNR, 1), 5), captions "
             "from train templates and a phrase grammar with word noise, some leaving out the "
             "position or background, 10% caption dropout, "
             "AdamW, EMA weights exported in fp16"
@@ -741,7 +742,7 @@ def stage_export(
     recipe = {
         k: v
         for k, v in sorted(vars(args).items())
-        if k.startswith(("ae_", "ldm_", "decoder_", "num_", "seed", "continue_from"))
+        if k.startswith(("ae_", "ldm_", "decoder_", "num_", "seed", "continue_from", "ztsnr"))
     }
     if recipe.get("continue_from"):  # the file's name, not a path on the trainer's machine
         recipe["continue_from"] = Path(recipe["continue_from"]).name
