@@ -281,7 +281,9 @@ def train_ldm(
     """Train (or resume) UNet + text encoder; returns the EMA models.
 
     `init` (a checkpoint of an earlier run, as saved in its state file) starts from its weights
-    and EMA with a fresh optimiser and learning-rate cycle (a warm restart); `state_file` names
+    and EMA with a fresh optimiser and learning-rate cycle (a warm restart); an `init` holding
+    only "text_encoder" (the text pre-training stage's) starts the text encoder from it and the
+    UNet from random weights, both averages from there; `state_file` names
     the checkpoint of such a run so it resumes on its own. With a `judge` and the `vae`,
     held-out prompt adherence of the EMA weights is logged every `cfg.eval_minutes`.
     """
@@ -290,12 +292,14 @@ def train_ldm(
     torch.manual_seed(cfg.seed)
     models = build_models(unet_config, text_config)
     if init is not None:
-        models.unet.load_state_dict(init["unet"])
+        if "unet" in init:
+            models.unet.load_state_dict(init["unet"])
         models.text_encoder.load_state_dict(init["text_encoder"])
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema_unet, ema_text = EMA(models.unet, cfg.ema_decay), EMA(models.text_encoder, cfg.ema_decay)
-    if init is not None:
+    warm = init is not None and "ema_unet" in init
+    if warm:
         ema_unet.module.load_state_dict(init["ema_unet"])
         ema_text.module.load_state_dict(init["ema_text_encoder"])
         # the averages are already warm: no (1 + n) / (10 + n) ramp
@@ -307,7 +311,7 @@ def train_ldm(
         models.text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.module.load_state_dict(state["ema_unet"])
         ema_text.module.load_state_dict(state["ema_text_encoder"])
-        ema_unet.updates = ema_text.updates = int(state["step"]) + (10_000 if init else 0)
+        ema_unet.updates = ema_text.updates = int(state["step"]) + (10_000 if warm else 0)
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log.info("ldm: resumed at step %d (%.1f min done)", step, elapsed / 60)
@@ -513,7 +517,10 @@ def stage_latents(args, workdir: Path, ae: AutoencoderKL, scale_factor: float) -
     return data
 
 
-def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) -> DemoModels:
+def stage_ldm(
+    args, workdir: Path, data: LatentDataset, judge=None, vae=None, init: dict | None = None
+) -> DemoModels:
+    """The joint stage; `init` (the text stage's encoder, if it ran) starts the text encoder."""
     final = workdir / "ldm_final.pt"
     if final.exists() and not args.no_resume:
         return _load_final(final)
@@ -525,7 +532,9 @@ def stage_ldm(args, workdir: Path, data: LatentDataset, judge=None, vae=None) ->
         lr=getattr(args, "ldm_lr", LDMTrainConfig.lr),
         zero_terminal_snr=getattr(args, "ztsnr", False),
     )
-    models = train_ldm(workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae)
+    models = train_ldm(
+        workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae, init=init
+    )
     _save_final(models, cfg, final)
     return models
 
@@ -742,7 +751,9 @@ def stage_export(
     recipe = {
         k: v
         for k, v in sorted(vars(args).items())
-        if k.startswith(("ae_", "ldm_", "decoder_", "num_", "seed", "continue_from", "ztsnr"))
+        if k.startswith(
+            ("ae_", "ldm_", "text_", "decoder_", "num_", "seed", "continue_from", "ztsnr")
+        )
     }
     if recipe.get("continue_from"):  # the file's name, not a path on the trainer's machine
         recipe["continue_from"] = Path(recipe["continue_from"]).name
@@ -751,6 +762,11 @@ def stage_export(
         schedule = "two cosine cycles"
     else:
         schedule = "one cosine cycle"
+    if getattr(args, "text_minutes", 0) > 0 and not recipe.get("continue_from"):
+        schedule += (
+            " (the text encoder first trained alone to classify training captions into their "
+            "scenes' labels)"
+        )
     meta = demo_metadata(
         scale_factor,
         gate,

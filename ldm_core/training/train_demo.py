@@ -9,13 +9,15 @@ Stages (each resumes from `--workdir` when re-run with the same arguments):
   3. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`)
   4. gate          the judge must read reconstructions as well as renders, or the run stops
   5. latents       posterior means x scale factor of fresh captioned renders
-  6. ldm           text encoder + UNet, v objective, 10% caption dropout, EMA (`--ldm-minutes`)
-  7. ldm restart   a second cycle from its weights and EMA (`--ldm-restart-minutes`)
-  8. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
+  6. text          the text encoder alone learns to classify captions into their scenes'
+                   labels, no images (`--text-minutes`)
+  7. ldm           text encoder + UNet, v objective, 10% caption dropout, EMA (`--ldm-minutes`)
+  8. ldm restart   a second cycle from its weights and EMA (`--ldm-restart-minutes`)
+  9. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
 
 About 170 minutes on 2 CPU cores with the defaults (37 to the latents, 130 for the LDM); see
 docs/demo-model.md for why the LDM needs that long.
-`--continue-from FILE` runs stages 5, 7 and 8 on an exported demo file (its frozen autoencoder,
+`--continue-from FILE` runs stages 5, 8 and 9 on an exported demo file (its frozen autoencoder,
 its EMA weights as the start).
 
 This module is the command-line entry of the training recipe (like `launch.py` for the app);
@@ -45,6 +47,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default="/tmp/demo-train")
     p.add_argument("--ae-minutes", type=float, default=20.0)
     p.add_argument("--ldm-minutes", type=float, default=40.0)
+    p.add_argument(
+        "--text-minutes",
+        type=float,
+        default=3.0,
+        help="pre-train the text encoder on captions alone before the joint stage; 0: skip",
+    )
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
     p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 6")
@@ -272,11 +280,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here so the recipe can be resumed with an updated second stage.
     from ldm_core.training import ldm as ldm_mod
+    from ldm_core.training import text_pretrain
 
     data = ldm_mod.stage_latents(args, workdir, ae, scale_factor)
     log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
+    text_init = text_pretrain.stage_text(args, workdir)
+    log.info("stage text done at %.1f min", (time.monotonic() - t0) / 60)
     judge = _load_judge()
-    models = ldm_mod.stage_ldm(args, workdir, data, judge=judge, vae=ae)
+    models = ldm_mod.stage_ldm(args, workdir, data, judge=judge, vae=ae, init=text_init)
     log.info("stage ldm done at %.1f min", (time.monotonic() - t0) / 60)
     models = ldm_mod.stage_ldm_restart(args, workdir, data, models, judge=judge, vae=ae)
     log.info("stage ldm restart done at %.1f min", (time.monotonic() - t0) / 60)

@@ -1,0 +1,226 @@
+"""Stage 5b of the demo recipe: the text encoder learns to read captions before it meets images.
+
+Measured on 2026-12-02 (docs/demo-model.md, "The 90-minute budget"): trained jointly from random
+weights, the text encoder and UNet need 250,000 to 340,000 samples before shapes go where the
+prompt says; with a text encoder that already tells the positions apart, a UNet from random
+weights gets positions right within 51,000. What is slow is the text encoder learning "top left"
+from the diffusion loss alone. So it first learns it from text alone: each training caption
+(the same augmented captions the joint stage uses) is classified into the labels of its scene,
+by small heads that read the encoder's output the way the UNet does, through attention over all
+77 tokens. No images, no UNet: thousands of captions a second.
+
+Heads: one learnt query per attribute attends over the final-LN'd token states (as the UNet's
+cross-attention reads them), then a linear layer gives the class. The main object's colour,
+shape, size and position, the background, and the second object's colour, shape, size and
+position ("none" for one-object scenes). Captions that leave an attribute out (partial
+captions, templates without the size) keep the scene's label: the head can only learn the
+prior there, which is the right answer for a prompt that does not say.
+
+Only the text encoder's weights leave this stage; the heads are thrown away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_core.config import TextEncoderConfig
+from ldm_core.nn.text_encoders import TextEncoder
+from ldm_core.tokenizer import EOS_ID
+from ldm_core.training import world
+from ldm_core.training.autoencoder import StopFlag, time_cosine_lr
+from ldm_core.training.captions import training_caption
+from ldm_core.training.ldm import DEMO_TEXT_CONFIG, tokenize
+
+log = logging.getLogger(__name__)
+
+NONE = "none"
+# attribute -> class names; the second object's attributes have a "none" class.
+PRETRAIN_LABELS: dict[str, tuple[str, ...]] = {
+    **world.LABELS,
+    "colour2": (*world.COLOUR_NAMES, NONE),
+    "shape2": (*world.SHAPES, NONE),
+    "size2": (*world.SIZES, NONE),
+    "position2": (*world.POSITION_NAMES, NONE),
+}
+
+
+@dataclass
+class TextPretrainConfig:
+    minutes: float = 3.0
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    # Token positions the heads see. Training captions are at most 31 tokens long with BOS and
+    # EOS, so 40 keeps every caption and some EOS padding; the encoder is causal, so those
+    # states are the ones it gives in the full 77, and a step costs half of what 77 would.
+    tokens: int = 40
+    eval_prompts: int = 224
+    log_every: int = 50
+    max_steps: int | None = None  # tests: stop after this many steps whatever the time
+
+
+class CaptionHeads(nn.Module):
+    """Attention-pooled classifiers over a text encoder's token states [B, T, D]."""
+
+    def __init__(self, dim: int, labels: dict[str, tuple[str, ...]] = PRETRAIN_LABELS):
+        super().__init__()
+        self.names = tuple(labels)
+        self.queries = nn.Parameter(torch.randn(len(labels), dim) * dim**-0.5)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.heads = nn.ModuleDict({a: nn.Linear(dim, len(v)) for a, v in labels.items()})
+
+    def forward(self, states: torch.Tensor) -> dict[str, torch.Tensor]:
+        k, v = self.key(states), self.value(states)  # [B, T, D]
+        attn = torch.einsum("ad,btd->bat", self.queries, k) * states.shape[-1] ** -0.5
+        pooled = torch.einsum("bat,btd->bad", attn.softmax(dim=-1), v)  # [B, A, D]
+        return {a: self.heads[a](pooled[:, i]) for i, a in enumerate(self.names)}
+
+
+def scene_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+    """Class indices of `PRETRAIN_LABELS` for each scene: attribute -> int64 [B]."""
+    rows = []
+    for s in scenes:
+        row = s.label_indices()
+        second = s.objects[1] if len(s.objects) == 2 else None
+        for attr in ("colour", "shape", "size", "position"):
+            classes = PRETRAIN_LABELS[attr + "2"]
+            row[attr + "2"] = classes.index(getattr(second, attr) if second else NONE)
+        rows.append(row)
+    return {a: torch.tensor([r[a] for r in rows], dtype=torch.long) for a in PRETRAIN_LABELS}
+
+
+@torch.no_grad()
+def heldout_accuracy(
+    text_encoder: TextEncoder, heads: CaptionHeads, num_prompts: int = 224, seed: int = 4242
+) -> dict[str, float]:
+    """Accuracy of the main object's attributes on the benchmark's held-out prompts (wordings
+    that training never uses), the prompts `evaluate_adherence` generates from."""
+    pairs = world.benchmark_prompts(num_prompts, seed)
+    logits = heads(text_encoder(tokenize([p for p, _ in pairs])))
+    labels = world.label_tensors([s for _, s in pairs])
+    return {a: float((logits[a].argmax(-1) == labels[a]).float().mean()) for a in labels}
+
+
+def pretrain_text_encoder(
+    workdir: str | Path,
+    text_config: TextEncoderConfig,
+    cfg: TextPretrainConfig,
+    *,
+    resume: bool = True,
+    state_file: str = "text_state.pt",
+) -> tuple[TextEncoder, dict[str, float]]:
+    """Train a text encoder from random weights on caption -> scene labels; checkpoints to
+    `workdir/state_file` and resumes from it. Returns the encoder and its held-out accuracy."""
+    state_path = Path(workdir) / state_file
+    torch.manual_seed(cfg.seed)
+    text_encoder = TextEncoder(text_config)
+    heads = CaptionHeads(text_config.hidden_size)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    step, elapsed = 0, 0.0
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        text_encoder.load_state_dict(state["text_encoder"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        log.info("text: resumed at step %d (%.1f min done)", step, elapsed / 60)
+    log.info("text: pre-training the text encoder on captions, config %s", asdict(cfg))
+    budget = cfg.minutes * 60.0
+    start = time.monotonic() - elapsed
+    stop = StopFlag()
+    text_encoder.train()
+    loss_sum, correct, seen = 0.0, 0.0, 0
+
+    def checkpoint() -> None:
+        payload = {
+            "text_encoder": text_encoder.state_dict(),
+            "heads": heads.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": time.monotonic() - start,
+        }
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(state_path)
+
+    while True:
+        elapsed = time.monotonic() - start
+        if elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps):
+            break
+        if stop.stop:
+            checkpoint()
+            raise SystemExit("text: interrupted, checkpoint saved")
+        # everything random in a step is a function of (seed, step), so resuming is exact
+        rng = np.random.default_rng([cfg.seed, 0x7E47, step])
+        scenes = [world.sample_scene(rng) for _ in range(cfg.batch_size)]
+        input_ids = tokenize([training_caption(s, rng) for s in scenes])[:, : cfg.tokens]
+        input_ids[:, -1] = EOS_ID  # as the tokenizer truncates: a cut caption still ends
+        targets = scene_targets(scenes)
+        logits = heads(text_encoder(input_ids))
+        loss = sum(F.cross_entropy(logits[a], targets[a]) for a in logits) / len(logits)
+        lr = time_cosine_lr(cfg.lr, step, elapsed / budget, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        loss_sum += loss.item()
+        correct += float((logits["position"].argmax(-1) == targets["position"]).float().sum())
+        seen += cfg.batch_size
+        if step % cfg.log_every == 0:
+            log.info(
+                "text step %d  loss=%.4f  position(train captions)=%.3f  lr=%.2e  %.1f/%.0f min",
+                step,
+                loss_sum / cfg.log_every,
+                correct / seen,
+                lr,
+                (time.monotonic() - start) / 60,
+                cfg.minutes,
+            )
+            loss_sum, correct, seen = 0.0, 0.0, 0
+    checkpoint()
+    text_encoder.eval()
+    acc = heldout_accuracy(text_encoder, heads.eval(), cfg.eval_prompts)
+    log.info(
+        "text: done, %d steps (%d captions) in %.1f min; held-out prompts: %s",
+        step,
+        step * cfg.batch_size,
+        (time.monotonic() - start) / 60,
+        " ".join(f"{k}={v:.3f}" for k, v in acc.items()),
+    )
+    return text_encoder, acc
+
+
+def stage_text(args, workdir: Path) -> dict | None:
+    """train_demo's text stage: the pre-trained encoder as an `init` for `train_ldm`, or None
+    when `--text-minutes` is 0 (the joint stage then starts the text encoder from random)."""
+    minutes = getattr(args, "text_minutes", 0.0)
+    if minutes <= 0:
+        return None
+    final = workdir / "text_final.pt"
+    if final.exists() and not args.no_resume:
+        state = torch.load(final, map_location="cpu", weights_only=True)
+        log.info("text: loaded %s", final)
+        return {"text_encoder": state["text_encoder"]}
+    cfg = TextPretrainConfig(minutes=minutes, seed=args.seed)
+    text_encoder, acc = pretrain_text_encoder(
+        workdir, DEMO_TEXT_CONFIG, cfg, resume=not args.no_resume
+    )
+    state = text_encoder.state_dict()
+    torch.save({"text_encoder": state, "heldout": acc, "config": asdict(cfg)}, final)
+    return {"text_encoder": state}
