@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ldm_core.config import VAEConfig
 from ldm_core.nn.autoencoder import AutoencoderKL
 from ldm_core.training import world
+from ldm_core.training.checkpoints import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +206,6 @@ def _dy(x: torch.Tensor) -> torch.Tensor:
     return x[..., 1:, :] - x[..., :-1, :]
 
 
-def _save(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
 def train_autoencoder(
     workdir: str | Path,
     cfg: AETrainConfig,
@@ -266,7 +261,7 @@ def train_autoencoder(
     stop = StopFlag()
 
     def checkpoint() -> None:
-        _save(
+        save_atomic(
             state_path,
             {
                 "model": ae.state_dict(),

@@ -40,6 +40,7 @@ from ldm_core.training.autoencoder import (
     time_cosine_lr,
 )
 from ldm_core.training.captions import training_caption
+from ldm_core.training.checkpoints import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +344,7 @@ def train_ldm(
             "step": step,
             "elapsed": time.monotonic() - start,
         }
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(state_path)
+        save_atomic(state_path, payload)
 
     while True:
         elapsed = time.monotonic() - start

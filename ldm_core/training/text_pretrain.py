@@ -37,6 +37,7 @@ from ldm_core.tokenizer import EOS_ID
 from ldm_core.training import world
 from ldm_core.training.autoencoder import StopFlag, time_cosine_lr
 from ldm_core.training.captions import training_caption
+from ldm_core.training.checkpoints import save_atomic
 from ldm_core.training.ldm import DEMO_TEXT_CONFIG, tokenize
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,7 @@ def pretrain_text_encoder(
             "step": step,
             "elapsed": time.monotonic() - start,
         }
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(state_path)
+        save_atomic(state_path, payload)
 
     while True:
         elapsed = time.monotonic() - start
