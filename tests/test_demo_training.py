@@ -298,3 +298,36 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     )
     for name, value in text.state_dict().items():
         assert torch.equal(models.text_encoder.state_dict()[name], value), name
+    # text_lr_scale 0 keeps the text encoder frozen while the UNet trains
+    frozen_cfg = ldm_mod.LDMTrainConfig(batch_size=2, max_steps=2, threads=1, text_lr_scale=0.0)
+    ldm_mod.train_ldm(
+        tmp_path,
+        data,
+        frozen_cfg,
+        resume=False,
+        unet_config=TINY_UNET,
+        text_config=TINY_TEXT,
+        init={"text_encoder": text.state_dict()},
+        state_file="frozen.pt",
+    )
+    state = torch.load(tmp_path / "frozen.pt", weights_only=True)
+    for name, value in text.state_dict().items():
+        assert torch.equal(state["text_encoder"][name], value), name
+    unet = ldm_mod.build_models(TINY_UNET, TINY_TEXT).unet.state_dict()  # seed 0's start
+    assert any(not torch.equal(state["unet"][k], v) for k, v in unet.items())
+
+
+def test_caption_heads_pool_by_attention_or_mean():
+    from ldm_core.training import text_pretrain
+
+    states = torch.randn(3, 77, 16)
+    for pool in ("attention", "mean"):
+        heads = text_pretrain.CaptionHeads(16, pool=pool)
+        out = heads(states)
+        assert set(out) == set(text_pretrain.PRETRAIN_LABELS)
+        assert out["position"].shape == (3, 9) and out["position2"].shape == (3, 10)
+    # mean pooling reads only the average of the token states: their order does not matter
+    perm = torch.randperm(77)
+    assert torch.allclose(heads(states)["colour"], heads(states[:, perm])["colour"], atol=1e-5)
+    with pytest.raises(ValueError, match="pool"):
+        text_pretrain.CaptionHeads(16, pool="max")

@@ -75,6 +75,7 @@ class LDMTrainConfig:
     prediction: str = "v"
     zero_terminal_snr: bool = False
     ema_decay: float = 0.997
+    text_lr_scale: float = 1.0  # the text encoder's learning rate relative to the UNet's; 0: frozen
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_minutes: float = 3.0
@@ -297,7 +298,11 @@ def train_ldm(
             models.unet.load_state_dict(init["unet"])
         models.text_encoder.load_state_dict(init["text_encoder"])
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": list(models.unet.parameters()), "lr_scale": 1.0},
+        {"params": list(models.text_encoder.parameters()), "lr_scale": cfg.text_lr_scale},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema_unet, ema_text = EMA(models.unet, cfg.ema_decay), EMA(models.text_encoder, cfg.ema_decay)
     warm = init is not None and "ema_unet" in init
     if warm:
@@ -361,7 +366,7 @@ def train_ldm(
         input_ids = tokenize(_captions([data.scenes[i] for i in idx], rng, cfg.caption_dropout))
         lr = time_cosine_lr(cfg.lr, step, elapsed / budget, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         loss = diffusion_loss(
             models,
             data.latents[torch.from_numpy(idx)],

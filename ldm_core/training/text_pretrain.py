@@ -66,6 +66,7 @@ class TextPretrainConfig:
     # EOS, so 40 keeps every caption and some EOS padding; the encoder is causal, so those
     # states are the ones it gives in the full 77, and a step costs half of what 77 would.
     tokens: int = 40
+    pool: str = "attention"
     eval_prompts: int = 224
     log_every: int = 50
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
@@ -74,8 +75,16 @@ class TextPretrainConfig:
 class CaptionHeads(nn.Module):
     """Attention-pooled classifiers over a text encoder's token states [B, T, D]."""
 
-    def __init__(self, dim: int, labels: dict[str, tuple[str, ...]] = PRETRAIN_LABELS):
+    def __init__(
+        self,
+        dim: int,
+        labels: dict[str, tuple[str, ...]] = PRETRAIN_LABELS,
+        pool: str = "attention",
+    ):
         super().__init__()
+        if pool not in ("attention", "mean"):
+            raise ValueError(f"pool must be 'attention' or 'mean', not {pool!r}")
+        self.pool = pool
         self.names = tuple(labels)
         self.queries = nn.Parameter(torch.randn(len(labels), dim) * dim**-0.5)
         self.key = nn.Linear(dim, dim)
@@ -84,6 +93,9 @@ class CaptionHeads(nn.Module):
 
     def forward(self, states: torch.Tensor) -> dict[str, torch.Tensor]:
         k, v = self.key(states), self.value(states)  # [B, T, D]
+        if self.pool == "mean":  # what cross-attention with untrained queries reads: the average
+            pooled = v.mean(dim=1)
+            return {a: self.heads[a](pooled) for a in self.names}
         attn = torch.einsum("ad,btd->bat", self.queries, k) * states.shape[-1] ** -0.5
         pooled = torch.einsum("bat,btd->bad", attn.softmax(dim=-1), v)  # [B, A, D]
         return {a: self.heads[a](pooled[:, i]) for i, a in enumerate(self.names)}
@@ -127,7 +139,7 @@ def pretrain_text_encoder(
     state_path = Path(workdir) / state_file
     torch.manual_seed(cfg.seed)
     text_encoder = TextEncoder(text_config)
-    heads = CaptionHeads(text_config.hidden_size)
+    heads = CaptionHeads(text_config.hidden_size, pool=cfg.pool)
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, elapsed = 0, 0.0

@@ -15,7 +15,8 @@ Stages (each resumes from `--workdir` when re-run with the same arguments):
   8. ldm restart   a second cycle from its weights and EMA (`--ldm-restart-minutes`)
   9. export        SD1 single-file .safetensors (fp16, EMA weights) + a load-back check
 
-About 170 minutes on 2 CPU cores with the defaults (37 to the latents, 130 for the LDM); see
+About 170 minutes on 2 CPU cores with the defaults (37 to the latents, 130 for the LDM; the text
+stage is off by default); see
 docs/demo-model.md for why the LDM needs that long.
 `--continue-from FILE` runs stages 5, 8 and 9 on an exported demo file (its frozen autoencoder,
 its EMA weights as the start).
@@ -50,12 +51,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--text-minutes",
         type=float,
-        default=3.0,
-        help="pre-train the text encoder on captions alone before the joint stage; 0: skip",
+        default=0.0,
+        help="pre-train the text encoder on captions alone before the joint stage "
+        "(3 is the measured setting); 0: skip",
     )
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
-    p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 6")
+    p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 7")
     p.add_argument(
         "--ae-restart-minutes",
         type=float,
@@ -89,7 +91,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--continue-from",
         metavar="FILE",
-        help="skip stages 1-6: give the demo .safetensors FILE (v-prediction) a further "
+        help="skip stages 1-7: give the demo .safetensors FILE (v-prediction) a further "
         "LDM cycle of --ldm-restart-minutes, its autoencoder frozen, and export to --out",
     )
     return p.parse_args(argv)
