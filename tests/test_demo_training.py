@@ -286,30 +286,19 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     # from random ones
     scenes = world.SceneStream(1).batch(2).scenes
     data = ldm_mod.LatentDataset(torch.randn(2, 4, 8, 8), scenes, 0.5)
+    kwargs = {
+        "resume": False,
+        "unet_config": TINY_UNET,
+        "text_config": TINY_TEXT,
+        "init": {"text_encoder": text.state_dict()},
+    }
     ldm_cfg = ldm_mod.LDMTrainConfig(batch_size=2, max_steps=0, threads=1)
-    models = ldm_mod.train_ldm(
-        tmp_path,
-        data,
-        ldm_cfg,
-        resume=False,
-        unet_config=TINY_UNET,
-        text_config=TINY_TEXT,
-        init={"text_encoder": text.state_dict()},
-    )
+    models = ldm_mod.train_ldm(tmp_path, data, ldm_cfg, **kwargs)
     for name, value in text.state_dict().items():
         assert torch.equal(models.text_encoder.state_dict()[name], value), name
     # text_lr_scale 0 keeps the text encoder frozen while the UNet trains
     frozen_cfg = ldm_mod.LDMTrainConfig(batch_size=2, max_steps=2, threads=1, text_lr_scale=0.0)
-    ldm_mod.train_ldm(
-        tmp_path,
-        data,
-        frozen_cfg,
-        resume=False,
-        unet_config=TINY_UNET,
-        text_config=TINY_TEXT,
-        init={"text_encoder": text.state_dict()},
-        state_file="frozen.pt",
-    )
+    ldm_mod.train_ldm(tmp_path, data, frozen_cfg, state_file="frozen.pt", **kwargs)
     state = torch.load(tmp_path / "frozen.pt", weights_only=True)
     for name, value in text.state_dict().items():
         assert torch.equal(state["text_encoder"][name], value), name

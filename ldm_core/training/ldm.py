@@ -297,7 +297,11 @@ def train_ldm(
         if "unet" in init:
             models.unet.load_state_dict(init["unet"])
         models.text_encoder.load_state_dict(init["text_encoder"])
-    params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
+    # a frozen text encoder computes no gradients and does not count in the clipping norm
+    models.text_encoder.requires_grad_(cfg.text_lr_scale > 0)
+    params = [
+        p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad
+    ]
     groups = [
         {"params": list(models.unet.parameters()), "lr_scale": 1.0},
         {"params": list(models.text_encoder.parameters()), "lr_scale": cfg.text_lr_scale},
