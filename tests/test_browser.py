@@ -92,16 +92,20 @@ def progress(page, tab: str) -> tuple[str, float]:
 
 
 def wait_done(page, tab: str, *, on_running=None, timeout_ms: int = TIMEOUT_MS) -> list[float]:
-    """Poll the progress bar until the job ends; returns the fractions seen while running."""
+    """Poll the progress bar until the job ends; returns the fractions seen while running.
+
+    `on_running` is called once, when the third distinct fraction shows: it may be slow (a
+    screenshot), and a tiny model can finish while it runs, so it waits until the bar has
+    visibly moved."""
     seen: list[float] = []
     deadline = time.time() + timeout_ms / 1000
     while time.time() < deadline:
         state, fraction = progress(page, tab)
         if state == "running":
-            if not seen and on_running:
-                on_running()
             if not seen or fraction != seen[-1]:
                 seen.append(fraction)
+                if len(seen) == 3 and on_running:
+                    on_running()
         elif state in ("done", "interrupted"):
             return seen
         page.wait_for_timeout(25)
