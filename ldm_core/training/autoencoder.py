@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ldm_core.config import VAEConfig
 from ldm_core.nn.autoencoder import AutoencoderKL
@@ -60,6 +61,9 @@ class AETrainConfig:
     foreground_weight: float = 5.0
     edge_weight: float = 1.0
     decoder_only: bool = False  # fine-tune post_quant_conv + decoder only (encoder frozen)
+    # weight of the feature-matching term (`feature_distance`): the judge's conv features of the
+    # reconstruction against the image's, LPIPS-style; 0 leaves it out
+    perceptual_weight: float = 0.0
     seed: int = 0
     checkpoint_minutes: float = 3.0
     log_every: int = 25
@@ -153,17 +157,43 @@ def world_batch(seed: int, step: int, batch_size: int) -> world.WorldBatch:
     return world.SceneStream(seed * 1_000_003 + step).batch(batch_size)
 
 
+def judge_features(path: str | Path | None = None) -> nn.Module:
+    """The conv stack of the world's trained judge, frozen: a perceptual feature network for
+    this world, as LPIPS uses VGG's for photographs."""
+    from ldm_core.training import judge as judge_mod
+
+    net = judge_mod.load_judge(path or judge_mod.DEFAULT_JUDGE_PATH).features
+    return net.eval().requires_grad_(False)
+
+
+def feature_distance(features: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LPIPS-style distance without learnt weights: after each activation of `features`, the
+    squared difference of the channel-normalised feature vectors, averaged over positions and
+    summed over layers. a, b [B, 3, H, W] -> scalar."""
+    total = a.new_zeros(())
+    x, y = a, b
+    for layer in features:
+        x, y = layer(x), layer(y)
+        if isinstance(layer, nn.SiLU):
+            nx = x / (x.norm(dim=1, keepdim=True) + 1e-6)
+            ny = y / (y.norm(dim=1, keepdim=True) + 1e-6)
+            total = total + (nx - ny).pow(2).sum(dim=1).mean()
+    return total
+
+
 def autoencoder_loss(
     ae: AutoencoderKL,
     images: torch.Tensor,
     cfg: AETrainConfig,
     generator: torch.Generator | None = None,
+    features: nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 + low-res L1) + KL of a posterior draw. images [B, 3, H, W].
 
     Pixels that differ from the background (the top-left pixel: no object reaches a corner)
     weigh `foreground_weight` times more, so the few object pixels the judge reads are not
-    drowned by the background.
+    drowned by the background. With `features` (and `cfg.perceptual_weight`), the distance of
+    their activations (`feature_distance`) is added.
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         if cfg.decoder_only:  # frozen encoder: decode the posterior mean, as the LDM's samples are
@@ -195,6 +225,10 @@ def autoencoder_loss(
         "edge": edge.item(),
         "kl": kl.item(),
     }
+    if features is not None and cfg.perceptual_weight > 0:
+        perceptual = feature_distance(features, recon, images)
+        loss = loss + cfg.perceptual_weight * perceptual
+        parts["perc"] = perceptual.item()
     return loss, parts
 
 
@@ -259,6 +293,7 @@ def train_autoencoder(
     window_t, window_steps, sums = time.monotonic(), 0, {}
     tuner = ThreadTuner(cfg.threads)
     stop = StopFlag()
+    features = judge_features() if cfg.perceptual_weight > 0 else None
 
     def checkpoint() -> None:
         save_atomic(
@@ -283,7 +318,7 @@ def train_autoencoder(
         for group in opt.param_groups:
             group["lr"] = lr
         images = world_batch(cfg.seed, step, cfg.batch_size).images
-        loss, parts = autoencoder_loss(ae, images, cfg, generator)
+        loss, parts = autoencoder_loss(ae, images, cfg, generator, features)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)

@@ -66,6 +66,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--decoder-minutes", type=float, default=3.0, help="0: skip the stage")
     p.add_argument(
+        "--perceptual-weight",
+        type=float,
+        default=0.0,
+        help="decoder stage: weight of the judge-feature distance (LPIPS-style); 0: pixels only",
+    )
+    p.add_argument(
         "--ldm-restart-minutes",
         type=float,
         default=90.0,
@@ -217,6 +223,7 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
         lr=5e-4,
         warmup_steps=20,
         decoder_only=True,
+        perceptual_weight=getattr(args, "perceptual_weight", 0.0),
     )
     ae = ae_mod.train_autoencoder(
         workdir, cfg, ae.config, resume=not args.no_resume, init=ae.state_dict()
