@@ -5,18 +5,22 @@ weights, the text encoder and UNet need 250,000 to 340,000 samples before shapes
 prompt says; with a text encoder that already tells the positions apart, a UNet from random
 weights gets positions right within 51,000. What is slow is the text encoder learning "top left"
 from the diffusion loss alone. So it first learns it from text alone: each training caption
-(the same augmented captions the joint stage uses) is classified into the labels of its scene,
-by small heads that read the encoder's output the way the UNet does, through attention over all
-77 tokens. No images, no UNet: thousands of captions a second.
+(the same augmented captions the joint stage uses) is trained against the labels of its scene.
+No images, no UNet: thousands of captions a second.
 
-Heads: one learnt query per attribute attends over the final-LN'd token states (as the UNet's
-cross-attention reads them), then a linear layer gives the class. The main object's colour,
-shape, size and position, the background, and the second object's colour, shape, size and
-position ("none" for one-object scenes). Captions that leave an attribute out (partial
-captions, templates without the size) keep the scene's label: the head can only learn the
-prior there, which is the right answer for a prompt that does not say.
+Two objectives (`TextPretrainConfig.objective`). "heads": one learnt query per attribute attends
+over the final-LN'd token states (as the UNet's cross-attention reads them), or their mean is
+taken, then a linear layer gives the class. "targets" (what train_demo's stage uses): the EOS and
+padding states regress onto a fixed random code of the labels (`LabelTargets`) in which position
+has the largest share, as it has in the padding states of a text encoder trained jointly with
+the UNet. Labels: the main object's colour, shape, size and position, the background, and the
+second object's colour, shape, size and position ("none" for one-object scenes). Captions that
+leave an attribute out (partial captions, templates without the size) keep the scene's label:
+the model can only learn the prior there, which is the right answer for a prompt that does not
+say. Measured (docs/demo-model.md): neither objective has yet made the joint stage learn
+positions sooner, so the stage is off by default.
 
-Only the text encoder's weights leave this stage; the heads are thrown away.
+Only the text encoder's weights leave this stage; the heads or the code are thrown away.
 """
 
 from __future__ import annotations
