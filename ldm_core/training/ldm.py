@@ -525,6 +525,19 @@ def stage_latents(args, workdir: Path, ae: AutoencoderKL, scale_factor: float) -
     return data
 
 
+def ldm_config(args) -> LDMTrainConfig:
+    """The joint stage's settings from train_demo's command line."""
+    return LDMTrainConfig(
+        minutes=args.ldm_minutes,
+        seed=args.seed,
+        threads=args.threads,
+        batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
+        lr=getattr(args, "ldm_lr", LDMTrainConfig.lr),
+        zero_terminal_snr=getattr(args, "ztsnr", False),
+        text_lr_scale=getattr(args, "text_lr_scale", LDMTrainConfig.text_lr_scale),
+    )
+
+
 def stage_ldm(
     args, workdir: Path, data: LatentDataset, judge=None, vae=None, init: dict | None = None
 ) -> DemoModels:
@@ -532,14 +545,7 @@ def stage_ldm(
     final = workdir / "ldm_final.pt"
     if final.exists() and not args.no_resume:
         return _load_final(final)
-    cfg = LDMTrainConfig(
-        minutes=args.ldm_minutes,
-        seed=args.seed,
-        threads=args.threads,
-        batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
-        lr=getattr(args, "ldm_lr", LDMTrainConfig.lr),
-        zero_terminal_snr=getattr(args, "ztsnr", False),
-    )
+    cfg = ldm_config(args)
     models = train_ldm(
         workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae, init=init
     )

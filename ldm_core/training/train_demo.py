@@ -55,6 +55,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="pre-train the text encoder on captions alone before the joint stage "
         "(3 is the measured setting); 0: skip",
     )
+    p.add_argument(
+        "--text-lr-scale",
+        type=float,
+        default=1.0,
+        help="stage 7: the text encoder's learning rate relative to the UNet's; 0 freezes it "
+        "(with --text-minutes, measured: positions learnt within 10 minutes)",
+    )
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
     p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 7")
