@@ -316,6 +316,10 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     args = train_demo._parse(["--text-minutes", "3", "--text-lr-scale", "0"])
     assert ldm_mod.ldm_config(args).text_lr_scale == 0.0
     assert ldm_mod.ldm_config(train_demo._parse([])).text_lr_scale == 1.0
+    with pytest.raises(SystemExit):  # a frozen random text encoder is never what one wants
+        train_demo._parse(["--text-lr-scale", "0"])
+    with pytest.raises(SystemExit):
+        train_demo._parse(["--text-minutes", "3", "--text-lr-scale", "-1"])
 
 
 def test_judge_feature_distance_is_zero_on_equal_images_and_grows_with_blur():

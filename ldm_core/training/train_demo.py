@@ -107,7 +107,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="skip stages 1-7: give the demo .safetensors FILE (v-prediction) a further "
         "LDM cycle of --ldm-restart-minutes, its autoencoder frozen, and export to --out",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.text_lr_scale < 0:
+        p.error("--text-lr-scale must be >= 0")
+    if args.text_lr_scale == 0 and args.text_minutes <= 0 and not args.continue_from:
+        p.error("--text-lr-scale 0 freezes the text encoder: it needs --text-minutes > 0")
+    return args
 
 
 def _bf16(args) -> bool:
