@@ -310,16 +310,22 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
         assert torch.equal(state["text_encoder"][name], value), name
     unet = ldm_mod.build_models(TINY_UNET, TINY_TEXT).unet.state_dict()  # seed 0's start
     assert any(not torch.equal(state["unet"][k], v) for k, v in unet.items())
-    # train_demo's --text-lr-scale reaches the joint stage's settings
+
+
+def test_text_lr_scale_reaches_the_joint_stage_and_bad_values_are_refused():
     from ldm_core.training import train_demo
 
     args = train_demo._parse(["--text-minutes", "3", "--text-lr-scale", "0"])
     assert ldm_mod.ldm_config(args).text_lr_scale == 0.0
     assert ldm_mod.ldm_config(train_demo._parse([])).text_lr_scale == 1.0
-    with pytest.raises(SystemExit):  # a frozen random text encoder is never what one wants
-        train_demo._parse(["--text-lr-scale", "0"])
-    with pytest.raises(SystemExit):
-        train_demo._parse(["--text-minutes", "3", "--text-lr-scale", "-1"])
+    bad = [
+        ["--text-lr-scale", "0"],  # a frozen random text encoder is never what one wants
+        ["--text-minutes", "3", "--text-lr-scale", "-1"],
+        ["--continue-from", "x.safetensors", "--text-lr-scale", "0.5"],  # stage 7 is skipped
+    ]
+    for argv in bad:
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)
 
 
 def test_judge_feature_distance_is_zero_on_equal_images_and_grows_with_blur():

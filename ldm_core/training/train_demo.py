@@ -110,7 +110,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.text_lr_scale < 0:
         p.error("--text-lr-scale must be >= 0")
-    if args.text_lr_scale == 0 and args.text_minutes <= 0 and not args.continue_from:
+    if args.continue_from and args.text_lr_scale != 1.0:
+        p.error("--text-lr-scale applies to stage 7, which --continue-from skips")
+    if args.text_lr_scale == 0 and args.text_minutes <= 0:
         p.error("--text-lr-scale 0 freezes the text encoder: it needs --text-minutes > 0")
     return args
 
