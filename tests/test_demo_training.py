@@ -312,16 +312,22 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     assert any(not torch.equal(state["unet"][k], v) for k, v in unet.items())
 
 
-def test_text_lr_scale_reaches_the_joint_stage_and_bad_values_are_refused():
+def test_text_lr_scale_reaches_both_ldm_cycles_and_bad_values_are_refused():
     from ldm_core.training import train_demo
 
     args = train_demo._parse(["--text-minutes", "3", "--text-lr-scale", "0"])
     assert ldm_mod.ldm_config(args).text_lr_scale == 0.0
     assert ldm_mod.ldm_config(train_demo._parse([])).text_lr_scale == 1.0
+    # a frozen encoder stays frozen in the second cycle too; the default trains it there
+    restart = ldm_mod.ldm_restart_config(args)
+    assert restart.text_lr_scale == 0.0 and restart.lr == 5e-4 and restart.minutes == 90.0
+    assert ldm_mod.ldm_restart_config(train_demo._parse([])).text_lr_scale == 1.0
+    # --continue-from runs the second cycle only, on a file whose encoder is already trained
+    args = train_demo._parse(["--continue-from", "x.safetensors", "--text-lr-scale", "0"])
+    assert ldm_mod.ldm_restart_config(args).text_lr_scale == 0.0
     bad = [
         ["--text-lr-scale", "0"],  # a frozen random text encoder is never what one wants
         ["--text-minutes", "3", "--text-lr-scale", "-1"],
-        ["--continue-from", "x.safetensors", "--text-lr-scale", "0.5"],  # stage 7 is skipped
     ]
     for argv in bad:
         with pytest.raises(SystemExit):

@@ -59,8 +59,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--text-lr-scale",
         type=float,
         default=1.0,
-        help="stage 7: the text encoder's learning rate relative to the UNet's; 0 freezes it "
-        "(with --text-minutes, measured: positions learnt within 10 minutes)",
+        help="stages 7 and 8: the text encoder's learning rate relative to the UNet's; 0 freezes "
+        "it (with --text-minutes, measured: positions learnt within 10 minutes)",
     )
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
@@ -110,10 +110,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.text_lr_scale < 0:
         p.error("--text-lr-scale must be >= 0")
-    if args.continue_from and args.text_lr_scale != 1.0:
-        p.error("--text-lr-scale applies to stage 7, which --continue-from skips")
-    if args.text_lr_scale == 0 and args.text_minutes <= 0:
-        p.error("--text-lr-scale 0 freezes the text encoder: it needs --text-minutes > 0")
+    if args.text_lr_scale == 0 and args.text_minutes <= 0 and not args.continue_from:
+        p.error(
+            "--text-lr-scale 0 freezes the text encoder: it needs --text-minutes > 0 "
+            "(or the trained encoder of --continue-from)"
+        )
     return args
 
 
