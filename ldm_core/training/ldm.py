@@ -17,7 +17,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -546,15 +546,12 @@ def ldm_restart_config(args) -> LDMTrainConfig:
     joint stage lost colour (75.9% to 67.4% on the benchmark), shape (60.7% to 57.6%) and
     background (96.0% to 91.5%), position unchanged.
     """
-    return LDMTrainConfig(
+    return replace(
+        ldm_config(args),
         minutes=getattr(args, "ldm_restart_minutes", 0.0),
         seed=args.seed + 1,
-        threads=args.threads,
-        batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
         lr=5e-4,
         warmup_steps=100,
-        zero_terminal_snr=getattr(args, "ztsnr", False),
-        text_lr_scale=getattr(args, "text_lr_scale", LDMTrainConfig.text_lr_scale),
     )
 
 
