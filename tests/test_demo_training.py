@@ -37,6 +37,46 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def test_thread_tuner_backs_off_when_idle_and_reacts_to_a_busy_core():
+    """Step times of a simulated 2-core machine: 2 threads 0.6 s, 1 thread 1.0 s while idle; with
+    another process on a core 2 threads take 2.0 s and 1 thread 0.9 s."""
+    now = [0.0]
+    tuner = ae_mod.ThreadTuner(2, clock=lambda: now[0])
+    busy = False
+    one_thread_steps, log = 0, []
+
+    def step() -> None:
+        nonlocal one_thread_steps
+        seconds = (2.0 if busy else 0.6) if tuner.current == 2 else (0.9 if busy else 1.0)
+        one_thread_steps += tuner.current == 1
+        now[0] += seconds
+        tuner.record(seconds)
+        log.append(tuner.current)
+
+    for _ in range(3000):
+        step()
+    # Idle: two threads kept; the probes of one thread thin out (every 40 steps: 15% of steps).
+    assert tuner.current == 2 and tuner.backoff == tuner.max_backoff
+    assert one_thread_steps / 3000 < 0.03, one_thread_steps
+    assert torch.get_num_threads() == 2
+
+    busy, log = True, []
+    for _ in range(40):
+        step()
+    switched = log.index(1)  # the slowdown triggers a probe at once, back-off or not
+    assert switched <= 2 * tuner.probe + 2, switched
+    assert log[-1] == 1 and torch.get_num_threads() == 1
+
+    # After a switch the back-off starts again from one period: once the core is free, the next
+    # probe finds two threads faster.
+    assert tuner.backoff == 1
+    wait = tuner.period - tuner.since
+    busy, log = False, []
+    for _ in range(wait + 2 * tuner.probe):
+        step()
+    assert log.index(2) <= wait + 1 and log[-1] == 2 and tuner.reference == 0.6
+
+
 def test_time_cosine_lr_warms_up_then_decays():
     assert ae_mod.time_cosine_lr(1.0, 0, 0.0, 10, 0.1) == pytest.approx(0.1)
     assert ae_mod.time_cosine_lr(1.0, 100, 0.0, 10, 0.1) == pytest.approx(1.0)

@@ -85,22 +85,36 @@ class ThreadTuner:
     """Chooses 1 or `max_threads` torch threads by measured step time.
 
     The machine is shared: when other processes hold a core, two OpenMP threads can be far slower
-    than one (they wait for each other at every barrier). Every `period` steps the other thread
-    count is tried for `probe` steps (at least every `period_seconds`) and kept if its median
-    step time is lower.
+    than one (they wait for each other at every barrier). Every `period` steps (or `period_seconds`)
+    the other thread count is tried for `probe` steps and kept if its median step time is lower.
+    A probe costs time when it loses (on the idle 2-core machine one thread is about 1.6x slower:
+    probing every 40 steps cost some 7% of each stage), so each probe that keeps the count doubles
+    the wait before the next, up to `max_backoff` times; a switch resets it, and so does the step
+    time drifting `slowdown` times above the one measured at the last decision (another process
+    took a core), which probes at once.
     """
 
     def __init__(
-        self, max_threads: int, period: int = 40, probe: int = 6, period_seconds: float = 90.0
+        self,
+        max_threads: int,
+        period: int = 40,
+        probe: int = 6,
+        period_seconds: float = 90.0,
+        max_backoff: int = 16,
+        slowdown: float = 1.3,
+        clock=time.monotonic,
     ):
         self.max_threads, self.period, self.probe = max_threads, period, probe
+        self.period_seconds, self.max_backoff, self.slowdown = period_seconds, max_backoff, slowdown
+        self.clock = clock
         self.current = max_threads
         torch.set_num_threads(self.current)
         self.history: list[float] = []
         self.trial: list[float] | None = None
         self.since = 0
-        self.period_seconds = period_seconds
-        self.last_switch = time.monotonic()
+        self.backoff = 1
+        self.reference: float | None = None  # median step time of the count chosen last
+        self.last_switch = clock()
 
     def record(self, seconds: float) -> None:
         if self.max_threads <= 1:
@@ -108,29 +122,48 @@ class ThreadTuner:
         if self.trial is not None:
             self.trial.append(seconds)
             if len(self.trial) > self.probe:  # the first step at a new count warms the pool up
-                other = self.current
-                base, alt = _median(self.history[-self.probe :]), _median(self.trial[1:])
-                if alt >= base:
-                    self.current = 1 if other == self.max_threads else self.max_threads
-                torch.set_num_threads(self.current)
-                log.info(
-                    "threads: %d -> %.2f s/step, %d -> %.2f s/step; using %d",
-                    1 if other == self.max_threads else self.max_threads,
-                    base,
-                    other,
-                    alt,
-                    self.current,
-                )
-                self.trial, self.since, self.history = None, 0, []
+                self._decide()
             return
         self.history.append(seconds)
         self.since += 1
-        due = self.since >= self.period or time.monotonic() - self.last_switch > self.period_seconds
-        if due and len(self.history) >= self.probe:
-            self.last_switch = time.monotonic()
-            self.current = 1 if self.current == self.max_threads else self.max_threads
+        if len(self.history) < self.probe:
+            return
+        due = (
+            self.since >= self.period * self.backoff
+            or self.clock() - self.last_switch > self.period_seconds * self.backoff
+        )
+        recent = _median(self.history[-self.probe :])
+        if self.reference is not None and recent > self.slowdown * self.reference:
+            due, self.backoff = True, 1
+        if due:
+            self.last_switch = self.clock()
+            self.current = self._other(self.current)
             torch.set_num_threads(self.current)
             self.trial = []
+
+    def _other(self, count: int) -> int:
+        return 1 if count == self.max_threads else self.max_threads
+
+    def _decide(self) -> None:
+        tried, kept = self.current, self._other(self.current)
+        base, alt = _median(self.history[-self.probe :]), _median(self.trial[1:])
+        if alt >= base:
+            self.current = kept
+            self.backoff = min(self.backoff * 2, self.max_backoff)
+        else:
+            self.backoff = 1
+        self.reference = min(base, alt)
+        torch.set_num_threads(self.current)
+        log.info(
+            "threads: %d -> %.2f s/step, %d -> %.2f s/step; using %d (next probe in %d steps)",
+            kept,
+            base,
+            tried,
+            alt,
+            self.current,
+            self.period * self.backoff,
+        )
+        self.trial, self.since, self.history = None, 0, []
 
 
 def _median(values: list[float]) -> float:
