@@ -20,7 +20,8 @@ the model can only learn the prior there, which is the right answer for a prompt
 say. Measured (docs/demo-model.md): followed by a joint stage that trains the encoder too,
 neither objective makes positions come sooner (the joint stage pulls the code apart); with the
 "targets" encoder frozen there (`LDMTrainConfig.text_lr_scale=0`), a UNet from random weights
-put 99% of shapes in the prompt's position within 10 minutes, and a whole 85-minute run that way
+put 99% of shapes in the prompt's position within 10 minutes, and whole 85- and 88-minute runs
+that way (3- and 6-minute text stages; the longer one lifted colour and shape by 9 and 11 points)
 met the position and background bars but not colour and shape, so the stage stays off by default.
 
 Only the text encoder's weights leave this stage; the heads or the code are thrown away.

@@ -53,7 +53,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="pre-train the text encoder on captions alone before the joint stage "
-        "(3 is the measured setting); 0: skip",
+        "(3 and 6 are measured settings, 6 the better); 0: skip",
     )
     p.add_argument(
         "--text-lr-scale",
