@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         err = (ours(x, t, context) - twin(x, t, context).sample).abs().max().item()
     print(f"max |ours - diffusers| on the batch: {err:.2e}")
+    if err > 1e-4:
+        raise SystemExit("the two UNets disagree: the timing would compare different networks")
 
     steps = {
         "ours": lambda: ours(x, t, context),

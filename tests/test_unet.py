@@ -502,3 +502,19 @@ def test_no_transformer_config_runs_without_context():
     assert not any(isinstance(m, SpatialTransformer) for m in model.modules())
     x, t, _, _ = inputs(config)
     assert run(model, (x, t, None, None)).shape == x.shape
+
+
+def test_bench_train_step_times_the_demo_unet_against_its_diffusers_twin(capsys):
+    """bench/bench_train_step.py: both networks agree on the batch and both are timed."""
+    pytest.importorskip("diffusers")
+    from bench import bench_train_step
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench_train_step.main(["--batch", "2", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["ours"] > 0 and result["diffusers"] > 0
+    assert result["ratio"] == pytest.approx(result["ours"] / result["diffusers"])
+    out = capsys.readouterr().out
+    assert "max |ours - diffusers|" in out and "ratio ours/diffusers" in out
