@@ -4,9 +4,9 @@
 
 The UNet of `ldm_core.training.ldm.build_models` (the shipped demo model's configuration) and a
 diffusers `UNet2DConditionModel` holding the same tensors (converted by diffusers' own
-single-file code, as in tests/test_unet.py) run the v-objective forward and backward on the
-same batch of 8x8x4 latents and 77-token contexts, interleaved so that both see the same machine
-load. Prints the median and fastest step of each and the ratio ours/diffusers, after checking
+single-file code, as in tests/test_unet.py) run the forward and the backward of an MSE loss
+on the same batch of 8x8x4 latents and 77-token contexts, interleaved so that both see the same
+machine load. Prints the median and fastest step of each and the ratio ours/diffusers, after checking
 that both compute the same output.
 """
 

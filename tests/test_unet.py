@@ -514,7 +514,8 @@ def test_bench_train_step_times_the_demo_unet_against_its_diffusers_twin(capsys)
         result = bench_train_step.main(["--batch", "2", "--repeats", "1", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
+    # main() exits before timing if the two networks disagree on the batch
     assert result["ours"] > 0 and result["diffusers"] > 0
-    assert result["ratio"] == pytest.approx(result["ours"] / result["diffusers"])
     out = capsys.readouterr().out
-    assert "max |ours - diffusers|" in out and "ratio ours/diffusers" in out
+    err = float(out.split("max |ours - diffusers| on the batch: ")[1].split()[0])
+    assert err <= 1e-4 and "ratio ours/diffusers" in out
