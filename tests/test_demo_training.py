@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -468,3 +469,38 @@ def test_caption_heads_pool_by_attention_or_mean():
     assert torch.allclose(heads(states)["colour"], heads(states[:, perm])["colour"], atol=1e-5)
     with pytest.raises(ValueError, match="pool"):
         text_pretrain.CaptionHeads(16, pool="max")
+
+
+def test_timestep_sampling_uniform_or_biased_to_high_noise():
+    g = torch.Generator().manual_seed(0)
+    uniform = ldm_mod.sample_timesteps(20_000, 1000, 1.0, g)
+    assert torch.equal(uniform, torch.randint(0, 1000, (20_000,), generator=g.manual_seed(0)))
+    biased = ldm_mod.sample_timesteps(20_000, 1000, 0.5, g.manual_seed(1))
+    assert biased.dtype == torch.long and int(biased.min()) >= 0 and int(biased.max()) <= 999
+    # t = 1000 u^0.5: mean 2/3 of the range, P(t >= 600) = 1 - 0.6^2 = 0.64 (uniform: 0.40)
+    assert abs(biased.float().mean().item() - 666.7) < 10
+    assert abs((biased >= 600).float().mean().item() - 0.64) < 0.015
+    assert abs((uniform >= 600).float().mean().item() - 0.40) < 0.015
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError, match="exponent"):
+            ldm_mod.sample_timesteps(4, 1000, bad)
+
+
+def test_caption_dropout_and_timestep_exponent_reach_both_ldm_cycles():
+    from ldm_core.training import train_demo
+
+    args = train_demo._parse(["--caption-dropout", "0.2", "--timestep-exponent", "0.5"])
+    for cfg in (ldm_mod.ldm_config(args), ldm_mod.ldm_restart_config(args)):
+        assert cfg.caption_dropout == 0.2 and cfg.timestep_exponent == 0.5
+    defaults = ldm_mod.ldm_config(train_demo._parse([]))
+    assert defaults.caption_dropout == 0.1 and defaults.timestep_exponent == 1.0
+    # the share of empty captions is the dropout asked for
+    scenes = [world.sample_scene(np.random.default_rng(i)) for i in range(2000)]
+    captions = ldm_mod._captions(scenes, np.random.default_rng(0), 0.2)
+    assert abs(sum(c == "" for c in captions) / len(captions) - 0.2) < 0.03
+    for argv in (["--caption-dropout", "1"], ["--caption-dropout", "-0.1"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)
+    for argv in (["--timestep-exponent", "0"], ["--timestep-exponent", "2"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)

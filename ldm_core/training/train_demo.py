@@ -66,6 +66,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ldm-batch", type=int, default=64)
     p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 7")
     p.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.1,
+        help="stages 7 and 8: share of captions replaced by the empty prompt (what CFG's "
+        "unconditional branch learns from)",
+    )
+    p.add_argument(
+        "--timestep-exponent",
+        type=float,
+        default=1.0,
+        help="stages 7 and 8: draw t = 1000 u^a; a < 1 trains high noise levels more often "
+        "(1: uniform)",
+    )
+    p.add_argument(
         "--ae-restart-minutes",
         type=float,
         default=10.0,
@@ -110,6 +124,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.text_lr_scale < 0:
         p.error("--text-lr-scale must be >= 0")
+    if not 0 < args.timestep_exponent <= 1:
+        p.error("--timestep-exponent must be in (0, 1]")
+    if not 0 <= args.caption_dropout < 1:
+        p.error("--caption-dropout must be in [0, 1)")
     if args.text_lr_scale == 0 and args.text_minutes <= 0 and not args.continue_from:
         p.error(
             "--text-lr-scale 0 freezes the text encoder: it needs --text-minutes > 0 "
