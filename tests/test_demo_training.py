@@ -504,3 +504,50 @@ def test_caption_dropout_and_timestep_exponent_reach_both_ldm_cycles():
     for argv in (["--timestep-exponent", "0"], ["--timestep-exponent", "2"]):
         with pytest.raises(SystemExit):
             train_demo._parse(argv)
+
+
+def test_text_target_weights_set_each_attributes_share_and_refuse_bad_values(tmp_path, monkeypatch):
+    from ldm_core.training import text_pretrain, train_demo
+
+    args = train_demo._parse(["--text-minutes", "6", "--text-target-weights", "colour=0.5"])
+    weights = args.text_target_weights
+    assert abs(sum(weights.values()) - 1) < 1e-9
+    # colour set to 0.5 among defaults summing to 0.9 without it: its share is 0.5 / 1.4
+    assert abs(weights["colour"] - 0.5 / 1.4) < 1e-9
+    assert abs(weights["position"] - 0.4 / 1.4) < 1e-9
+    assert train_demo._parse([]).text_target_weights is None
+    # train_demo's text stage trains on that code
+    seen = {}
+
+    def fake_pretrain(workdir, text_config, cfg, resume):
+        seen["weights"] = cfg.target_weights
+        return text_pretrain.TextEncoder(TINY_TEXT), {}
+
+    monkeypatch.setattr(text_pretrain, "pretrain_text_encoder", fake_pretrain)
+    (tmp_path / "stage").mkdir()
+    text_pretrain.stage_text(args, tmp_path / "stage")
+    assert seen["weights"] == weights
+    monkeypatch.undo()
+    # the code gives colour that share of its variance
+    code = text_pretrain.LabelTargets(96, weights=weights, seed=0)
+    targets = text_pretrain.scene_targets(world.SceneStream(3).batch(512).scenes)
+    x = code(targets)
+    colour = code.codebook("colour")[targets["colour"]]
+    assert 0.28 < float(colour.pow(2).sum() / x.pow(2).sum()) < 0.44
+    for bad in ("hue=0.3", "colour", "colour=x", "colour=-1", "colour=inf", "colour=0.2,,"):
+        with pytest.raises(SystemExit):
+            train_demo._parse(["--text-minutes", "6", "--text-target-weights", bad])
+    zero = ",".join(f"{a}=0" for a in text_pretrain.TARGET_WEIGHTS)
+    with pytest.raises(ValueError, match="every weight is 0"):
+        text_pretrain.parse_target_weights(zero)
+    # a checkpoint trained on one code does not resume on another
+    cfg = text_pretrain.TextPretrainConfig(
+        objective="targets", batch_size=8, max_steps=1, eval_prompts=16, minutes=10
+    )
+    text_pretrain.pretrain_text_encoder(tmp_path, TINY_TEXT, cfg, resume=False)
+    cfg.max_steps, cfg.target_weights = 2, weights
+    with pytest.raises(ValueError, match="another label code"):
+        text_pretrain.pretrain_text_encoder(tmp_path, TINY_TEXT, cfg, resume=True)
+    cfg.target_weights = None  # the same code resumes
+    text_pretrain.pretrain_text_encoder(tmp_path, TINY_TEXT, cfg, resume=True)
+    assert torch.load(tmp_path / "text_state.pt", weights_only=True)["step"] == 2

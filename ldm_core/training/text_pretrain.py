@@ -78,6 +78,8 @@ class TextPretrainConfig:
     # (`LabelTargets`); "heads": attention- or mean-pooled classifier heads (`CaptionHeads`).
     objective: str = "heads"
     pool: str = "attention"
+    # "targets": each attribute's share of the code (`LabelTargets`); None: `TARGET_WEIGHTS`
+    target_weights: dict[str, float] | None = None
     eval_prompts: int = 224
     log_every: int = 50
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
@@ -128,6 +130,29 @@ TARGET_WEIGHTS: dict[str, float] = {
 }
 
 
+def parse_target_weights(text: str) -> dict[str, float]:
+    """`TARGET_WEIGHTS` with the attributes named in "colour=0.25,position=0.3" set to those
+    values, then all scaled to sum to 1 (each is a share of the code's variance). Unknown
+    attributes, negative or non-numeric values and an all-zero code raise ValueError."""
+    weights = dict(TARGET_WEIGHTS)
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            known = ", ".join(TARGET_WEIGHTS)
+            raise ValueError(f"{item.strip()!r}: expected attribute=weight with one of {known}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r}: the weight is not a number") from None
+        if not weights[name] >= 0 or weights[name] == float("inf"):
+            raise ValueError(f"{item.strip()!r}: a weight must be finite and >= 0")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"{text!r}: every weight is 0, the code would be empty")
+    return {a: w / total for a, w in weights.items()}
+
+
 class LabelTargets(nn.Module):
     """A fixed random code of a scene's labels that the EOS and padding states regress onto.
 
@@ -160,6 +185,17 @@ class LabelTargets(nn.Module):
 
     def decode(self, states: torch.Tensor) -> dict[str, torch.Tensor]:
         return {a: states @ self.codebook(a).T for a in self.names}
+
+
+def _check_same_code(code: LabelTargets, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse to resume a run whose checkpoint was trained on another code (other weights or
+    seed): the encoder would be pulled towards two codes in one run."""
+    for name, rows in code.state_dict().items():
+        if name not in saved or not torch.equal(saved[name], rows):
+            raise ValueError(
+                f"{path} was trained on another label code (target weights or seed differ); "
+                "start it again with --no-resume or use another workdir"
+            )
 
 
 def padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
@@ -221,7 +257,8 @@ def pretrain_text_encoder(
     torch.manual_seed(cfg.seed)
     text_encoder = TextEncoder(text_config)
     if cfg.objective == "targets":
-        heads = LabelTargets(text_config.hidden_size, seed=cfg.seed)
+        weights = cfg.target_weights or TARGET_WEIGHTS
+        heads = LabelTargets(text_config.hidden_size, weights=weights, seed=cfg.seed)
     elif cfg.objective == "heads":
         heads = CaptionHeads(text_config.hidden_size, pool=cfg.pool)
     else:
@@ -232,6 +269,8 @@ def pretrain_text_encoder(
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         text_encoder.load_state_dict(state["text_encoder"])
+        if isinstance(heads, LabelTargets):
+            _check_same_code(heads, state["heads"], state_path)
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
@@ -322,7 +361,12 @@ def stage_text(args, workdir: Path) -> dict | None:
         log.info("text: loaded %s", final)
         return {"text_encoder": state["text_encoder"]}
     cfg = TextPretrainConfig(
-        minutes=minutes, seed=args.seed, objective="targets", tokens=77, batch_size=128
+        minutes=minutes,
+        seed=args.seed,
+        objective="targets",
+        tokens=77,
+        batch_size=128,
+        target_weights=getattr(args, "text_target_weights", None),
     )
     text_encoder, acc = pretrain_text_encoder(
         workdir, DEMO_TEXT_CONFIG, cfg, resume=not args.no_resume

@@ -62,6 +62,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="stages 7 and 8: the text encoder's learning rate relative to the UNet's; 0 freezes "
         "it (with --text-minutes, measured: positions learnt within 10 minutes)",
     )
+    p.add_argument(
+        "--text-target-weights",
+        metavar="ATTR=W,...",
+        help="text stage: shares of the label code's variance, e.g. 'colour=0.25,position=0.3' "
+        "(unnamed attributes keep their defaults, then all are scaled to sum to 1)",
+    )
     p.add_argument("--ae-batch", type=int, default=16)
     p.add_argument("--ldm-batch", type=int, default=64)
     p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 7")
@@ -128,6 +134,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--timestep-exponent must be in (0, 1]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
+    if args.text_target_weights is not None:
+        from ldm_core.training.text_pretrain import parse_target_weights
+
+        try:
+            args.text_target_weights = parse_target_weights(args.text_target_weights)
+        except ValueError as e:
+            p.error(f"--text-target-weights: {e}")
     if args.text_lr_scale == 0 and args.text_minutes <= 0 and not args.continue_from:
         p.error(
             "--text-lr-scale 0 freezes the text encoder: it needs --text-minutes > 0 "
