@@ -528,6 +528,12 @@ def test_text_target_weights_set_each_attributes_share_and_refuse_bad_values(tmp
     text_pretrain.stage_text(args, tmp_path / "stage")
     assert seen["weights"] == weights
     monkeypatch.undo()
+    # a finished text stage made on another code is refused, the same code is reused
+    with pytest.raises(ValueError, match="another label code"):
+        text_pretrain.stage_text(train_demo._parse(["--text-minutes", "6"]), tmp_path / "stage")
+    assert "text_encoder" in text_pretrain.stage_text(args, tmp_path / "stage")
+    with pytest.raises(SystemExit):  # the weights shape a stage that is not run
+        train_demo._parse(["--text-target-weights", "colour=0.3"])
     # the code gives colour that share of its variance
     code = text_pretrain.LabelTargets(96, weights=weights, seed=0)
     targets = text_pretrain.scene_targets(world.SceneStream(3).batch(512).scenes)

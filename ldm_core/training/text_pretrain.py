@@ -358,6 +358,12 @@ def stage_text(args, workdir: Path) -> dict | None:
     final = workdir / "text_final.pt"
     if final.exists() and not args.no_resume:
         state = torch.load(final, map_location="cpu", weights_only=True)
+        saved = state.get("config", {}).get("target_weights")
+        if saved != getattr(args, "text_target_weights", None):
+            raise ValueError(
+                f"{final} was trained on another label code (target weights {saved}); "
+                "start it again with --no-resume or use another workdir"
+            )
         log.info("text: loaded %s", final)
         return {"text_encoder": state["text_encoder"]}
     cfg = TextPretrainConfig(
