@@ -30,6 +30,7 @@ Only the text encoder's weights leave this stage; the heads or the code are thro
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def parse_target_weights(text: str) -> dict[str, float]:
             weights[name] = float(value)
         except ValueError:
             raise ValueError(f"{item.strip()!r}: the weight is not a number") from None
-        if not weights[name] >= 0 or weights[name] == float("inf"):
+        if not (math.isfinite(weights[name]) and weights[name] >= 0):
             raise ValueError(f"{item.strip()!r}: a weight must be finite and >= 0")
     total = sum(weights.values())
     if total <= 0:

@@ -134,9 +134,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--timestep-exponent must be in (0, 1]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
-    if args.text_target_weights is not None and args.text_minutes <= 0:
-        p.error("--text-target-weights shapes the text stage: it needs --text-minutes > 0")
     if args.text_target_weights is not None:
+        if args.text_minutes <= 0:
+            p.error("--text-target-weights shapes the text stage: it needs --text-minutes > 0")
         from ldm_core.training.text_pretrain import parse_target_weights
 
         try:
