@@ -16,6 +16,7 @@ from ldm_core.schedules import ModelSampling
 from ldm_core.training import autoencoder as ae_mod
 from ldm_core.training import ldm as ldm_mod
 from ldm_core.training import world
+from ldm_core.training.judge import DEFAULT_JUDGE_PATH
 
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scale_factor=1.0)
 TINY_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1)
@@ -134,6 +135,7 @@ def test_recipe_stages_end_to_end(tmp_path):
         threads=1,
         decoder_only=True,
         perceptual_weight=1.0,
+        perceptual_net=str(DEFAULT_JUDGE_PATH),
     )
     tuned = ae_mod.train_autoencoder(tmp_path, ft_cfg, TINY_VAE, resume=False, init=ae.state_dict())
     assert (tmp_path / "ae_decoder_state.pt").exists()
@@ -270,6 +272,9 @@ def test_continue_from_a_shipped_file_trains_the_ldm_and_keeps_the_autoencoder(t
     with pytest.raises(SystemExit, match="must differ"):
         train_demo.main(["--continue-from", str(DEMO), "--out", str(DEMO), *common])
     args = ["--continue-from", str(DEMO), "--out", str(out), "--num-latents", "8"]
+    with pytest.raises(SystemExit, match="needs"):  # nothing to do
+        train_demo.main([*args, "--ldm-restart-minutes", "0", "--decoder-minutes", "0", *common])
+    args += ["--decoder-minutes", "0"]
     assert train_demo.main([*args, "--ldm-restart-minutes", "0.02", *common]) == 0
 
     src, new = load_checkpoint(DEMO), load_checkpoint(out)
@@ -291,6 +296,54 @@ def test_continue_from_a_shipped_file_trains_the_ldm_and_keeps_the_autoencoder(t
     start = src.unet.state_dict()
     moved = [(v - start[k].float()).abs().max() for k, v in state["ema_unet"].items()]
     assert 0 < max(moved) < 1e-3, max(moved)
+
+
+@pytest.mark.skipif(not DEMO.is_file(), reason="demo model not in this checkout")
+def test_continue_from_a_shipped_file_can_refine_only_its_decoder(tmp_path):
+    from ldm_core.training import train_demo
+
+    out = tmp_path / "refined.safetensors"
+    argv = ["--continue-from", str(DEMO), "--out", str(out), "--workdir", str(tmp_path)]
+    argv += ["--threads", "1", "--ldm-restart-minutes", "0", "--decoder-minutes", "0.005"]
+    argv += ["--perceptual-steps", "2", "--ae-batch", "2", "--skip-gate"]
+    assert train_demo.main(argv) == 0
+    assert (tmp_path / "perceptual.safetensors").is_file()
+
+    src, new = load_checkpoint(DEMO), load_checkpoint(out)
+    src_vae, new_vae = src.vae.state_dict(), new.vae.state_dict()
+    frozen = ("encoder.", "quant_conv.")  # the encoder is frozen, the decoder trained
+    same = {name: torch.equal(new_vae[name], value) for name, value in src_vae.items()}
+    assert all(v for k, v in same.items() if k.startswith(frozen))
+    assert not all(v for k, v in same.items() if not k.startswith(frozen))
+    for a, b in ((src.unet, new.unet), (src.text_encoders[0], new.text_encoders[0])):
+        other = b.state_dict()
+        assert all(torch.equal(other[k], v) for k, v in a.state_dict().items())
+    assert new.prediction.value == "v" and new.scale_factor == pytest.approx(src.scale_factor)
+    # the gate ran again on the new decoder, and the file keeps its own history
+    saved = json.loads((tmp_path / "ae_gate.json").read_text())
+    gate = {k: saved[k] for k in ("renders", "reconstructions", "passed")}
+    assert json.loads(new.metadata["ldm.ae_gate"]) == gate
+    assert new.metadata["ldm.history"].startswith(src.metadata["ldm.history"] + "; ")
+    assert (
+        "0.005-min decoder fine-tune with a perceptual term (weight 5)"
+        in new.metadata["ldm.history"]
+    )
+    assert new.metadata["ldm.training"] == src.metadata["ldm.training"]
+    recipe = json.loads(new.metadata["ldm.recipe"])
+    assert recipe["perceptual_steps"] == 2 and recipe["perceptual_weight"] == 5.0
+
+
+def test_perceptual_network_is_trained_by_the_recipe_and_required_by_its_weight(tmp_path):
+    path = tmp_path / "perc.safetensors"
+    features = ae_mod.train_perceptual_net(path, steps=2, seed=3)
+    assert all(not p.requires_grad for p in features.parameters())
+    loaded = ae_mod.perceptual_features(path)
+    x = world.SceneStream(2).batch(2).images
+    assert torch.equal(loaded(x), features(x))
+    assert loaded[0].out_channels == ae_mod.PERCEPTUAL_WIDTHS[0]  # not the judge's network
+    cfg = ae_mod.AETrainConfig(bf16=False, perceptual_weight=1.0, max_steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="perceptual_net"):
+        ae_mod.train_autoencoder(tmp_path, cfg, TINY_VAE, resume=False)
 
 
 def test_text_pretraining_targets_cover_both_objects():
@@ -376,7 +429,7 @@ def test_text_lr_scale_reaches_both_ldm_cycles_and_bad_values_are_refused():
 
 
 def test_judge_feature_distance_is_zero_on_equal_images_and_grows_with_blur():
-    features = ae_mod.judge_features()
+    features = ae_mod.perceptual_features(DEFAULT_JUDGE_PATH)
     images = world.SceneStream(5, two_object_prob=0.0).batch(8).images
     blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
     very = torch.nn.functional.avg_pool2d(images, 7, stride=1, padding=3)

@@ -783,7 +783,9 @@ def stage_export(
     vae: AutoencoderKL,
     scale_factor: float,
     gate: dict | None,
+    extra: dict[str, str] | None = None,
 ):
+    """Write `args.out`; `extra` metadata overrides what the recipe's arguments say."""
     decoder = workdir / "ae_decoder_final.pt"
     if (
         getattr(args, "decoder_minutes", 0) > 0 and decoder.exists()
@@ -795,7 +797,17 @@ def stage_export(
         k: v
         for k, v in sorted(vars(args).items())
         if k.startswith(
-            ("ae_", "ldm_", "text_", "decoder_", "num_", "seed", "continue_from", "ztsnr")
+            (
+                "ae_",
+                "ldm_",
+                "text_",
+                "decoder_",
+                "perceptual_",
+                "num_",
+                "seed",
+                "continue_from",
+                "ztsnr",
+            )
         )
     }
     if recipe.get("continue_from"):  # the file's name, not a path on the trainer's machine
@@ -815,7 +827,7 @@ def stage_export(
         gate,
         models,
         vae,
-        extra={"ldm.recipe": json.dumps(recipe)},
+        extra={"ldm.recipe": json.dumps(recipe), **(extra or {})},
         ldm_schedule=schedule,
     )
     return export_demo(args.out, models, vae, scale_factor, meta)

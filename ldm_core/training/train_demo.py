@@ -6,7 +6,8 @@
 Stages (each resumes from `--workdir` when re-run with the same arguments):
   1. autoencoder   KL autoencoder on fresh world renders; latent scale factor (`--ae-minutes`)
   2. restart       the same, warm-restarted at a lower learning rate (`--ae-restart-minutes`)
-  3. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`)
+  3. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`),
+                   with a perceptual term from a world classifier trained first (not the judge)
   4. gate          the judge must read reconstructions as well as renders, or the run stops
   5. latents       posterior means x scale factor of fresh captioned renders
   6. text          the text encoder alone learns to classify captions into their scenes'
@@ -18,8 +19,9 @@ Stages (each resumes from `--workdir` when re-run with the same arguments):
 About 170 minutes on 2 CPU cores with the defaults (37 to the latents, 130 for the LDM; the text
 stage is off by default); see
 docs/demo-model.md for why the LDM needs that long.
-`--continue-from FILE` runs stages 5, 8 and 9 on an exported demo file (its frozen autoencoder,
-its EMA weights as the start).
+`--continue-from FILE` runs stages 3 and 4 (`--decoder-minutes`), 5 and 8
+(`--ldm-restart-minutes`) and 9 on an exported demo file (its frozen encoder, its EMA weights as
+the start).
 
 This module is the command-line entry of the training recipe (like `launch.py` for the app);
 the stages themselves are library functions in `autoencoder.py` and `ldm.py`.
@@ -95,8 +97,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--perceptual-weight",
         type=float,
-        default=0.0,
-        help="decoder stage: weight of the judge-feature distance (LPIPS-style); 0: pixels only",
+        default=5.0,
+        help="decoder stage: weight of the distance of the perceptual network's features "
+        "(LPIPS-style; the network is trained first, see --perceptual-steps); 0: pixels only",
+    )
+    p.add_argument(
+        "--perceptual-restart",
+        action="store_true",
+        help="use the perceptual term in the autoencoder's warm restart too (the encoder then "
+        "learns from it), not only in the decoder stage",
+    )
+    p.add_argument(
+        "--perceptual-steps",
+        type=int,
+        default=800,
+        help="training steps of the perceptual network (a world classifier, not the judge)",
     )
     p.add_argument(
         "--ldm-restart-minutes",
@@ -134,6 +149,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--timestep-exponent must be in (0, 1]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
+    if args.perceptual_weight < 0 or args.perceptual_steps < 1:
+        p.error("--perceptual-weight must be >= 0 and --perceptual-steps >= 1")
     if args.text_target_weights is not None:
         if args.text_minutes <= 0:
             p.error("--text-target-weights shapes the text stage: it needs --text-minutes > 0")
@@ -221,6 +238,9 @@ def stage_ae_restart(args, workdir: Path, ae, scale_factor: float):
         lr=1e-3,
         warmup_steps=20,
     )
+    if args.perceptual_restart:
+        cfg.perceptual_net = stage_perceptual(args, workdir, restart=True)
+        cfg.perceptual_weight = args.perceptual_weight if cfg.perceptual_net else 0.0
     ae = ae_mod.train_autoencoder(
         workdir,
         cfg,
@@ -254,6 +274,21 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     return result
 
 
+def stage_perceptual(args, workdir: Path, restart: bool = False) -> str:
+    """The perceptual network (`perceptual.safetensors`) of the decoder stage, or with `restart`
+    of the autoencoder's warm restart; "" when that stage does not use one."""
+    if (args.decoder_minutes <= 0 and not restart) or args.perceptual_weight <= 0:
+        return ""
+    path = workdir / "perceptual.safetensors"
+    if path.exists() and not args.no_resume:
+        log.info("perceptual network: loaded %s", path)
+        return str(path)
+    t0 = time.monotonic()
+    ae_mod.train_perceptual_net(path, args.perceptual_steps, seed=args.seed + 7)
+    log.info("perceptual network: %d steps in %.1f s", args.perceptual_steps, time.monotonic() - t0)
+    return str(path)
+
+
 def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
     """Fine-tune the decoder with the encoder frozen (the latents the LDM learnt stay valid)."""
     final = workdir / "ae_decoder_final.pt"
@@ -262,6 +297,7 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
     if final.exists() and not args.no_resume:
         ae.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
         return ae
+    perceptual_net = stage_perceptual(args, workdir)
     cfg = ae_mod.AETrainConfig(
         minutes=args.decoder_minutes,
         seed=args.seed + 1,
@@ -271,7 +307,8 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
         lr=5e-4,
         warmup_steps=20,
         decoder_only=True,
-        perceptual_weight=getattr(args, "perceptual_weight", 0.0),
+        perceptual_weight=args.perceptual_weight if perceptual_net else 0.0,
+        perceptual_net=perceptual_net,
     )
     ae = ae_mod.train_autoencoder(
         workdir, cfg, ae.config, resume=not args.no_resume, init=ae.state_dict()
@@ -281,14 +318,17 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
 
 
 def continue_from(args, workdir: Path, t0: float) -> int:
-    """Stages 5, 7 and 8 on a shipped demo file: its autoencoder and its EMA weights as start."""
+    """More training for an exported demo file: its decoder fine-tuned again with the perceptual
+    term and gated (stages 3 and 4, `--decoder-minutes`; the encoder stays frozen, so the file's
+    UNet keeps its latents), then a further LDM cycle from its EMA weights (stages 5 and 8,
+    `--ldm-restart-minutes`), then the export."""
     from ldm_core.loader import load_checkpoint
     from ldm_core.training import ldm as ldm_mod
 
     if Path(args.continue_from).resolve() == Path(args.out).resolve():
         raise SystemExit("--continue-from and --out must differ (the input is read while training)")
-    if args.ldm_restart_minutes <= 0:
-        raise SystemExit("--continue-from needs --ldm-restart-minutes > 0")
+    if args.ldm_restart_minutes <= 0 and args.decoder_minutes <= 0:
+        raise SystemExit("--continue-from needs --ldm-restart-minutes > 0 or --decoder-minutes > 0")
     ckpt = load_checkpoint(args.continue_from, device="cpu", dtype=torch.float32)
     if ckpt.prediction.value != ldm_mod.LDMTrainConfig.prediction:
         raise SystemExit(
@@ -299,14 +339,40 @@ def continue_from(args, workdir: Path, t0: float) -> int:
     scale_factor = ckpt.scale_factor
     args.ztsnr = ckpt.spec.zero_terminal_snr  # a file keeps the noise schedule it was trained on
     gate = json.loads(ckpt.metadata["ldm.ae_gate"]) if "ldm.ae_gate" in ckpt.metadata else None
-    init = ldm_mod.init_from_checkpoint(ckpt)
+    done = []
+    if args.decoder_minutes > 0:
+        ae = stage_decoder(args, workdir, ae).eval().requires_grad_(False)
+        gate = stage_gate(args, workdir, ae)
+        perceptual = f" with a perceptual term (weight {args.perceptual_weight:g})"
+        done.append(
+            f"{args.decoder_minutes:g}-min decoder fine-tune"
+            + (perceptual if args.perceptual_weight > 0 else "")
+        )
+        log.info("stage decoder and gate done at %.1f min", (time.monotonic() - t0) / 60)
+    if args.ldm_restart_minutes > 0:
+        init = ldm_mod.init_from_checkpoint(ckpt)
+        data = ldm_mod.stage_latents(args, workdir, ae, scale_factor)
+        log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
+        judge = _load_judge()
+        models = ldm_mod.stage_ldm_restart(
+            args, workdir, data, None, judge=judge, vae=ae, init=init
+        )
+        done.append(f"{args.ldm_restart_minutes:g}-min further LDM cycle")
+        log.info("stage ldm restart done at %.1f min", (time.monotonic() - t0) / 60)
+    else:
+        models = ldm_mod.DemoModels(
+            ckpt.unet.eval(),
+            ckpt.text_encoders[0].eval(),
+            prediction=ckpt.prediction.value,
+            zero_terminal_snr=ckpt.spec.zero_terminal_snr,
+        )
+    step = f"{time.strftime('%Y-%m-%d')}: {' and '.join(done)} with --continue-from"
+    history = ckpt.metadata.get("ldm.history")
+    extra = {"ldm.history": f"{history}; {step}" if history else step}
+    if args.ldm_restart_minutes <= 0 and "ldm.training" in ckpt.metadata:
+        extra["ldm.training"] = ckpt.metadata["ldm.training"]  # the file's UNet, as it was trained
     del ckpt
-    data = ldm_mod.stage_latents(args, workdir, ae, scale_factor)
-    log.info("stage latents done at %.1f min", (time.monotonic() - t0) / 60)
-    judge = _load_judge()
-    models = ldm_mod.stage_ldm_restart(args, workdir, data, None, judge=judge, vae=ae, init=init)
-    log.info("stage ldm restart done at %.1f min", (time.monotonic() - t0) / 60)
-    ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
+    ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate, extra=extra)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
     return 0
 
