@@ -422,6 +422,8 @@ def test_text_lr_scale_reaches_both_ldm_cycles_and_bad_values_are_refused():
     bad = [
         ["--text-lr-scale", "0"],  # a frozen random text encoder is never what one wants
         ["--text-minutes", "3", "--text-lr-scale", "-1"],
+        ["--perceptual-weight", "-1"],
+        ["--perceptual-steps", "0"],
     ]
     for argv in bad:
         with pytest.raises(SystemExit):

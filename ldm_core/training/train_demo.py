@@ -102,12 +102,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(LPIPS-style; the network is trained first, see --perceptual-steps); 0: pixels only",
     )
     p.add_argument(
-        "--perceptual-restart",
-        action="store_true",
-        help="use the perceptual term in the autoencoder's warm restart too (the encoder then "
-        "learns from it), not only in the decoder stage",
-    )
-    p.add_argument(
         "--perceptual-steps",
         type=int,
         default=800,
@@ -238,9 +232,6 @@ def stage_ae_restart(args, workdir: Path, ae, scale_factor: float):
         lr=1e-3,
         warmup_steps=20,
     )
-    if args.perceptual_restart:
-        cfg.perceptual_net = stage_perceptual(args, workdir, restart=True)
-        cfg.perceptual_weight = args.perceptual_weight if cfg.perceptual_net else 0.0
     ae = ae_mod.train_autoencoder(
         workdir,
         cfg,
@@ -274,10 +265,9 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     return result
 
 
-def stage_perceptual(args, workdir: Path, restart: bool = False) -> str:
-    """The perceptual network (`perceptual.safetensors`) of the decoder stage, or with `restart`
-    of the autoencoder's warm restart; "" when that stage does not use one."""
-    if (args.decoder_minutes <= 0 and not restart) or args.perceptual_weight <= 0:
+def stage_perceptual(args, workdir: Path) -> str:
+    """The decoder stage's perceptual network (`perceptual.safetensors`); "" when not used."""
+    if args.decoder_minutes <= 0 or args.perceptual_weight <= 0:
         return ""
     path = workdir / "perceptual.safetensors"
     if path.exists() and not args.no_resume:
