@@ -561,6 +561,66 @@ def test_caption_dropout_and_timestep_exponent_reach_both_ldm_cycles():
             train_demo._parse(argv)
 
 
+def test_multires_noise_is_coarse_and_reaches_the_loss_and_both_ldm_cycles():
+    from ldm_core.training import train_demo
+
+    g = torch.Generator().manual_seed(0)
+    n = ldm_mod.multires_noise((4000, 4, 8, 8), g)
+    assert n.shape == (4000, 4, 8, 8)
+
+    # coarse: neighbouring cells nearly equal (white noise: correlation 0), and the 1x1 part
+    # makes cells at opposite corners correlated too
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    assert corr(n[..., 3, 3], n[..., 3, 4]) > 0.8
+    assert 0.2 < corr(n[..., 0, 0], n[..., 7, 7]) < 0.6
+    assert 1.2 < n.std().item() < 2.0
+    # at 2x2 latents only the 1x1 part: one value per channel
+    flat = ldm_mod.multires_noise((3, 4, 2, 2), g)
+    assert torch.allclose(flat, flat[..., :1, :1].expand_as(flat), atol=1e-6)
+
+    # in the loss: the v target is built from the whole noise, so the x0 implied by a model
+    # that predicts the target exactly is the clean latent
+    torch.manual_seed(0)
+    models = ldm_mod.build_models(TINY_UNET, TINY_TEXT)
+    latents = torch.randn(2, 4, 8, 8)
+    ids = ldm_mod.tokenize(["a red circle", ""])
+    ac = ldm_mod.training_alphas_cumprod()
+    base = ldm_mod.diffusion_loss(
+        models, latents, ids, ac, 5.0, torch.Generator().manual_seed(3), prediction="v"
+    )
+    same = ldm_mod.diffusion_loss(
+        models,
+        latents,
+        ids,
+        ac,
+        5.0,
+        torch.Generator().manual_seed(3),
+        prediction="v",
+        lowres_noise=0.0,
+    )
+    other = ldm_mod.diffusion_loss(
+        models,
+        latents,
+        ids,
+        ac,
+        5.0,
+        torch.Generator().manual_seed(3),
+        prediction="v",
+        lowres_noise=0.3,
+    )
+    assert torch.equal(base, same) and not torch.equal(base, other)
+
+    args = train_demo._parse(["--lowres-noise", "0.3"])
+    for cfg in (ldm_mod.ldm_config(args), ldm_mod.ldm_restart_config(args)):
+        assert cfg.lowres_noise == 0.3
+    assert ldm_mod.ldm_config(train_demo._parse([])).lowres_noise == 0.0
+    for argv in (["--lowres-noise", "-0.1"], ["--lowres-noise", "2"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)
+
+
 def test_text_target_weights_set_each_attributes_share_and_refuse_bad_values(tmp_path, monkeypatch):
     from ldm_core.training import text_pretrain, train_demo
 

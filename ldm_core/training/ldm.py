@@ -73,6 +73,7 @@ class LDMTrainConfig:
     min_snr_gamma: float = 5.0
     x0_weight_floor: float = 1.0
     timestep_exponent: float = 1.0  # < 1: draw high-noise timesteps more often (diffusion_loss)
+    lowres_noise: float = 0.0  # > 0: multi-resolution noise on top of the white (diffusion_loss)
     prediction: str = "v"
     zero_terminal_snr: bool = False
     ema_decay: float = 0.997
@@ -230,6 +231,7 @@ def diffusion_loss(
     x0_weight_floor: float = 0.0,
     prediction: str = "eps",
     timestep_exponent: float = 1.0,
+    lowres_noise: float = 0.0,
 ) -> torch.Tensor:
     """Weighted eps- or v-prediction MSE. latents [B, 4, h, w] (scaled), input_ids [B, 77].
 
@@ -245,13 +247,15 @@ def diffusion_loss(
     estimates at high noise were the same blobs whatever the prompt said about position, while
     a v model predicts x0 there almost directly (SD 2's 768-v models use it for the same reason).
 
-    `timestep_exponent`: see `sample_timesteps`.
+    `timestep_exponent`: see `sample_timesteps`. `lowres_noise`: see `multires_noise`.
     """
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     b = latents.shape[0]
     t = sample_timesteps(b, len(alphas_cumprod), timestep_exponent, generator)
     noise = torch.randn(latents.shape, generator=generator)
+    if lowres_noise > 0:
+        noise = noise + lowres_noise * multires_noise(latents.shape, generator)
     ac = alphas_cumprod[t].float().view(b, 1, 1, 1)
     noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -267,6 +271,29 @@ def diffusion_loss(
         target, weight = noise, x0_weight / snr
     per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()
+
+
+def multires_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Unit-variance noise drawn at 1x1, 2x2 and 4x4 cells, upsampled bilinearly to `shape`
+    [B, C, h, w] and summed (resolutions below h only): "offset" noise (one value per channel)
+    plus coarse blobs the size of the world's objects.
+
+    Trained with it on top of white noise (and the v target built from the sum, so the x0 the
+    model is asked for is still the clean latent), the model cannot take a sample's large-scale
+    colour at face value at any noise level and must read it from the prompt: aimed at the short
+    schedule's failure, where the conditional branch follows a sample that guidance bleached
+    instead of holding the prompt's colour (docs/demo-model.md, "Where colour goes wrong").
+    """
+    b, c, h, w = shape
+    out = torch.zeros(shape)
+    for r in (1, 2, 4):
+        if r >= h:
+            break
+        coarse = torch.randn((b, c, r, r), generator=generator)
+        out += F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return out
 
 
 def _captions(scenes: list[world.Scene], rng: np.random.Generator, dropout: float) -> list[str]:
@@ -399,6 +426,7 @@ def train_ldm(
             cfg.x0_weight_floor,
             cfg.prediction,
             cfg.timestep_exponent,
+            cfg.lowres_noise,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -555,6 +583,7 @@ def ldm_config(args) -> LDMTrainConfig:
         text_lr_scale=getattr(args, "text_lr_scale", LDMTrainConfig.text_lr_scale),
         caption_dropout=getattr(args, "caption_dropout", LDMTrainConfig.caption_dropout),
         timestep_exponent=getattr(args, "timestep_exponent", LDMTrainConfig.timestep_exponent),
+        lowres_noise=getattr(args, "lowres_noise", LDMTrainConfig.lowres_noise),
     )
 
 

@@ -88,6 +88,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(1: uniform)",
     )
     p.add_argument(
+        "--lowres-noise",
+        type=float,
+        default=0.0,
+        help="stages 7 and 8: add this much noise drawn at 1x1, 2x2 and 4x4 latent cells "
+        "(multi-resolution 'offset' noise) to the white noise; 0: white noise only",
+    )
+    p.add_argument(
         "--ae-restart-minutes",
         type=float,
         default=10.0,
@@ -141,6 +148,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--text-lr-scale must be >= 0")
     if not 0 < args.timestep_exponent <= 1:
         p.error("--timestep-exponent must be in (0, 1]")
+    if not 0 <= args.lowres_noise <= 1:
+        p.error("--lowres-noise must be in [0, 1]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
     if args.perceptual_weight < 0 or args.perceptual_steps < 1:
