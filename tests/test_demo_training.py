@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -619,6 +620,81 @@ def test_multires_noise_is_coarse_and_reaches_the_loss_and_both_ldm_cycles():
     for argv in (["--lowres-noise", "-0.1"], ["--lowres-noise", "2"]):
         with pytest.raises(SystemExit):
             train_demo._parse(argv)
+
+
+def test_data_parallel_processes_take_the_steps_one_process_takes(tmp_path):
+    """Two single-thread processes, each computing half of every batch, take the optimiser
+    steps one process computing the whole batch takes, and resume like it."""
+    from ldm_core.training import train_demo
+
+    torch.manual_seed(0)
+    scenes = [world.sample_scene(np.random.default_rng(i)) for i in range(8)]
+    data = ldm_mod.LatentDataset(torch.randn(8, 4, 8, 8), scenes, 1.0)
+    kwargs = {"unet_config": TINY_UNET, "text_config": TINY_TEXT}
+
+    # a process's rows: the halves' gradients average to the whole batch's
+    models = ldm_mod.build_models(TINY_UNET, TINY_TEXT)
+    ids = ldm_mod.tokenize(ldm_mod._captions(scenes[:4], np.random.default_rng(0), 0.1))
+    ac = ldm_mod.training_alphas_cumprod()
+
+    def grads(rows):
+        models.unet.zero_grad()
+        generator = torch.Generator().manual_seed(7)
+        loss = ldm_mod.diffusion_loss(
+            models, data.latents[:4], ids, ac, 5.0, generator, prediction="v", rows=rows
+        )
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in models.unet.parameters()])
+
+    whole, halves = grads(None), (grads(slice(0, 2)) + grads(slice(2, 4))) / 2
+    torch.testing.assert_close(halves, whole, rtol=0, atol=1e-5 * whole.abs().max().item())
+
+    # the processes: a long budget, so the learning rate is a function of the step alone
+    cfg = ldm_mod.LDMTrainConfig(
+        minutes=1e6, batch_size=4, max_steps=1, threads=1, lr=1e-3, warmup_steps=1
+    )
+    for d in ("one", "two", "x"):
+        (tmp_path / d).mkdir()
+    ldm_mod.train_ldm(tmp_path / "one", data, cfg, resume=False, **kwargs)
+    two = ldm_mod.train_ldm_parallel(
+        tmp_path / "two", data, replace(cfg, procs=2), tmp_path / "two.pt", resume=False, **kwargs
+    )
+    s1 = torch.load(tmp_path / "one" / "ldm_state.pt", weights_only=True)
+    s2 = torch.load(tmp_path / "two" / "ldm_state.pt", weights_only=True)
+    assert s1["step"] == s2["step"] == 1
+    torch.manual_seed(cfg.seed)
+    start = ldm_mod.build_models(TINY_UNET, TINY_TEXT).unet.state_dict()
+    # Adam's first step moves each weight by about lr in the direction of its gradient's sign,
+    # so float noise decides it where a gradient is about 0: biases and time-embedding weights
+    # whose effect the next GroupNorm removes. Elsewhere the steps must be the same.
+    kept = [k for k, v in s1["unet"].items() if v.dim() >= 2 and "emb" not in k]
+    moved = torch.cat([(s1["unet"][k] - start[k]).flatten() for k in kept])
+    apart = torch.cat([(s2["unet"][k] - s1["unet"][k]).flatten() for k in kept])
+    assert moved.abs().median() > 5e-4
+    assert (apart.abs() > 1e-6).float().mean() < 2e-3
+    # what comes back is rank 0's EMA
+    for name, value in two.unet.state_dict().items():
+        assert torch.equal(value, s2["ema_unet"][name])
+
+    # resumes from its checkpoint
+    ldm_mod.train_ldm_parallel(
+        tmp_path / "two",
+        data,
+        replace(cfg, procs=2, max_steps=3),
+        tmp_path / "two.pt",
+        resume=True,
+        **kwargs,
+    )
+    assert torch.load(tmp_path / "two" / "ldm_state.pt", weights_only=True)["step"] == 3
+
+    args = train_demo._parse(["--ldm-procs", "2"])
+    assert ldm_mod.ldm_config(args).procs == ldm_mod.ldm_restart_config(args).procs == 2
+    assert ldm_mod.ldm_config(train_demo._parse([])).procs == 1
+    for argv in (["--ldm-procs", "0"], ["--ldm-procs", "3"]):  # batch 64 does not split in 3
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)
+    with pytest.raises(ValueError, match="split"):
+        ldm_mod.train_ldm(tmp_path / "x", data, replace(cfg, batch_size=5), world_size=2, **kwargs)
 
 
 def test_text_target_weights_set_each_attributes_share_and_refuse_bad_values(tmp_path, monkeypatch):

@@ -16,12 +16,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -77,6 +80,7 @@ class LDMTrainConfig:
     prediction: str = "v"
     zero_terminal_snr: bool = False
     ema_decay: float = 0.997
+    procs: int = 1  # > 1: data parallel over this many single-thread processes (train_ldm_parallel)
     text_lr_scale: float = 1.0  # the text encoder's learning rate relative to the UNet's; 0: frozen
     grad_clip: float = 1.0
     seed: int = 0
@@ -232,6 +236,7 @@ def diffusion_loss(
     prediction: str = "eps",
     timestep_exponent: float = 1.0,
     lowres_noise: float = 0.0,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """Weighted eps- or v-prediction MSE. latents [B, 4, h, w] (scaled), input_ids [B, 77].
 
@@ -248,6 +253,9 @@ def diffusion_loss(
     a v model predicts x0 there almost directly (SD 2's 768-v models use it for the same reason).
 
     `timestep_exponent`: see `sample_timesteps`. `lowres_noise`: see `multires_noise`.
+    `rows`: the timesteps and noise are drawn for the whole batch, then only these rows are
+    computed (a data-parallel process's share: the processes together compute exactly the loss
+    of the whole batch, which one process computes with `rows=None`).
     """
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
@@ -256,6 +264,9 @@ def diffusion_loss(
     noise = torch.randn(latents.shape, generator=generator)
     if lowres_noise > 0:
         noise = noise + lowres_noise * multires_noise(latents.shape, generator)
+    if rows is not None:
+        latents, input_ids, t, noise = latents[rows], input_ids[rows], t[rows], noise[rows]
+        b = latents.shape[0]
     ac = alphas_cumprod[t].float().view(b, 1, 1, 1)
     noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -323,6 +334,8 @@ def train_ldm(
     text_config: TextEncoderConfig = DEMO_TEXT_CONFIG,
     init: dict | None = None,
     state_file: str = "ldm_state.pt",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DemoModels:
     """Train (or resume) UNet + text encoder; returns the EMA models.
 
@@ -332,8 +345,21 @@ def train_ldm(
     UNet from random weights, both averages from there; `state_file` names
     the checkpoint of such a run so it resumes on its own. With a `judge` and the `vae`,
     held-out prompt adherence of the EMA weights is logged every `cfg.eval_minutes`.
+
+    `rank` / `world_size` > 1: one of `train_ldm_parallel`'s processes (a torch.distributed
+    group is initialised): each computes its share of every batch, gradients are averaged, so
+    every process takes the same optimiser step; rank 0 keeps the clock, checkpoints, evaluates
+    and logs.
     """
     workdir = Path(workdir)
+    parallel = world_size > 1
+    rows = None
+    if parallel:
+        if cfg.batch_size % world_size:
+            raise ValueError(f"batch {cfg.batch_size} does not split over {world_size} processes")
+        share = cfg.batch_size // world_size
+        rows = slice(rank * share, (rank + 1) * share)
+    lead = rank == 0
     state_path = workdir / state_file
     torch.manual_seed(cfg.seed)
     models = build_models(unet_config, text_config)
@@ -384,7 +410,7 @@ def train_ldm(
     window_t, window_steps, loss_sum = time.monotonic(), 0, 0.0
     models.unet.train()
     models.text_encoder.train()
-    tuner = ThreadTuner(cfg.threads)
+    tuner = ThreadTuner(1 if parallel else cfg.threads)
     stop = StopFlag()
 
     def checkpoint() -> None:
@@ -401,10 +427,17 @@ def train_ldm(
 
     while True:
         elapsed = time.monotonic() - start
-        if elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps):
+        done = elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps)
+        code = 2 if stop.stop else int(done)
+        if parallel:  # rank 0's clock (the learning rate follows it) and signals rule them all
+            shared = torch.tensor([code, elapsed], dtype=torch.float64)
+            dist.broadcast(shared, 0)
+            code, elapsed = int(shared[0]), float(shared[1])
+        if code == 1:
             break
-        if stop.stop:
-            checkpoint()
+        if code == 2:
+            if lead:
+                checkpoint()
             raise SystemExit("ldm: interrupted, checkpoint saved")
         t_step = time.monotonic()
         # Everything random in a step is a function of (seed, step), so resuming is exact.
@@ -427,9 +460,12 @@ def train_ldm(
             cfg.prediction,
             cfg.timestep_exponent,
             cfg.lowres_noise,
+            rows,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel:
+            _average_gradients(params, world_size)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         ema_unet.update(models.unet)
@@ -438,7 +474,7 @@ def train_ldm(
         step += 1
         window_steps += 1
         loss_sum += loss.item()
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0 and lead:
             rate = window_steps / max(1e-9, time.monotonic() - window_t)
             log.info(
                 "ldm step %d  loss=%.4f  lr=%.2e  %.2f steps/s  %.1f/%.0f min",
@@ -450,10 +486,10 @@ def train_ldm(
                 cfg.minutes,
             )
             window_t, window_steps, loss_sum = time.monotonic(), 0, 0.0
-        if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
+        if lead and time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.monotonic()
-        if vae is not None and time.monotonic() - last_eval > cfg.eval_minutes * 60:
+        if lead and vae is not None and time.monotonic() - last_eval > cfg.eval_minutes * 60:
             judge = judge if judge is not None else _try_judge()
             if judge is not None:
                 ema = DemoModels(
@@ -465,11 +501,84 @@ def train_ldm(
                 summary = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
                 log.info("ldm eval at step %d (EMA): %s", step, summary)
             last_eval = time.monotonic()
-    checkpoint()
-    log.info("ldm: done, %d steps in %.1f min", step, (time.monotonic() - start) / 60)
+    if lead:
+        checkpoint()
+        log.info("ldm: done, %d steps in %.1f min", step, (time.monotonic() - start) / 60)
     return DemoModels(
         ema_unet.module.eval(), ema_text.module.eval(), cfg.prediction, cfg.zero_terminal_snr
     )
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce every gradient as one flat buffer (one collective a step) and average it."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def _parallel_worker(
+    rank: int, world_size: int, store: str, workdir, data, cfg, final, kwargs: dict
+) -> None:
+    torch.set_num_threads(1)
+    if rank == 0:
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(name)s: %(message)s",
+            stream=sys.stdout,
+            force=True,
+        )
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        models = train_ldm(workdir, data, cfg, rank=rank, world_size=world_size, **kwargs)
+        if rank == 0:
+            _save_final(models, cfg, final)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_ldm_parallel(
+    workdir: str | Path,
+    data: LatentDataset,
+    cfg: LDMTrainConfig,
+    final: str | Path,
+    *,
+    unet_config: UNetConfig = DEMO_UNET_CONFIG,
+    text_config: TextEncoderConfig = DEMO_TEXT_CONFIG,
+    **kwargs,
+) -> DemoModels:
+    """`train_ldm` as data parallelism over `cfg.procs` single-thread processes (gloo).
+
+    Measured on the 2-core machine (2026-12-04, the demo models, batch 64, text encoder frozen,
+    2-minute runs on 20,000 latents): 2.08 joint steps a second against 1.78 for one process
+    with two threads (1.17x; 1.75 against 1.45 in an earlier pair, 1.20x); the bare UNet step
+    gains more (1.32x), the rest of a step (captions, tokenising, the all-reduce, the EMA) less.
+    At these tensor sizes intra-op threads wait on each other more than two processes do. The result is the same training:
+    each process computes its rows of the same batch (`diffusion_loss`'s `rows`) and the
+    averaged gradients are the whole batch's. The EMA models are saved to `final` by rank 0
+    and returned from there. `kwargs` are `train_ldm`'s (`init`, `resume`, `vae`,
+    `state_file`); rank 0 loads the judge itself for its evaluations.
+    """
+    import torch.multiprocessing as mp
+
+    store = Path(tempfile.mkdtemp(prefix="ldm-ddp-")) / "store"
+    kwargs = {**kwargs, "unet_config": unet_config, "text_config": text_config}
+    try:
+        mp.spawn(
+            _parallel_worker,
+            args=(cfg.procs, str(store), workdir, data, cfg, Path(final), kwargs),
+            nprocs=cfg.procs,
+        )
+    except mp.ProcessRaisedException as exc:
+        raise SystemExit(f"ldm: a training process failed:\n{exc}") from None
+    finally:
+        store.unlink(missing_ok=True)
+        store.parent.rmdir()
+    return _load_final(Path(final), unet_config, text_config)
 
 
 # -- sampling and evaluation ------------------------------------------------------------------------
@@ -584,6 +693,7 @@ def ldm_config(args) -> LDMTrainConfig:
         caption_dropout=getattr(args, "caption_dropout", LDMTrainConfig.caption_dropout),
         timestep_exponent=getattr(args, "timestep_exponent", LDMTrainConfig.timestep_exponent),
         lowres_noise=getattr(args, "lowres_noise", LDMTrainConfig.lowres_noise),
+        procs=getattr(args, "ldm_procs", LDMTrainConfig.procs),
     )
 
 
@@ -612,6 +722,10 @@ def stage_ldm(
     if final.exists() and not args.no_resume:
         return _load_final(final)
     cfg = ldm_config(args)
+    if cfg.procs > 1:
+        return train_ldm_parallel(
+            workdir, data, cfg, final, resume=not args.no_resume, vae=vae, init=init
+        )
     models = train_ldm(
         workdir, data, cfg, resume=not args.no_resume, judge=judge, vae=vae, init=init
     )
@@ -624,8 +738,12 @@ def _save_final(models: DemoModels, cfg: LDMTrainConfig, path: Path) -> None:
     torch.save({**state, "config": asdict(cfg)}, path)
 
 
-def _load_final(path: Path) -> DemoModels:
-    models = build_models()
+def _load_final(
+    path: Path,
+    unet_config: UNetConfig = DEMO_UNET_CONFIG,
+    text_config: TextEncoderConfig = DEMO_TEXT_CONFIG,
+) -> DemoModels:
+    models = build_models(unet_config, text_config)
     state = torch.load(path, map_location="cpu", weights_only=True)
     models.unet.load_state_dict(state["unet"])
     models.text_encoder.load_state_dict(state["text_encoder"])
@@ -667,6 +785,17 @@ def stage_ldm_restart(
     first = init
     if first is None:
         first = torch.load(workdir / "ldm_state.pt", map_location="cpu", weights_only=True)
+    if cfg.procs > 1:
+        return train_ldm_parallel(
+            workdir,
+            data,
+            cfg,
+            final,
+            resume=not args.no_resume,
+            vae=vae,
+            init=first,
+            state_file="ldm_restart_state.pt",
+        )
     models = train_ldm(
         workdir,
         data,
