@@ -554,9 +554,10 @@ def train_ldm_parallel(
     """`train_ldm` as data parallelism over `cfg.procs` single-thread processes (gloo).
 
     Measured on the 2-core machine (2026-12-04, the demo models, batch 64, text encoder frozen,
-    2-minute runs on 20,000 latents): 2.08 joint steps a second against 1.78 for one process
-    with two threads (1.17x; 1.75 against 1.45 in an earlier pair, 1.20x); the bare UNet step
-    gains more (1.32x), the rest of a step (captions, tokenising, the all-reduce, the EMA) less.
+    1.5- to 2-minute runs, `bench/bench_ldm_procs.py` and the like): 1.03 to 1.20 times the
+    joint steps a second of one process with two threads in four pairs, 1.13 on average; the
+    bare UNet step gains more (1.32x), the rest of a step (captions, tokenising, the
+    all-reduce, the EMA) less, and the machine's speed varies from minute to minute.
     At these tensor sizes intra-op threads wait on each other more than two processes do. The result is the same training:
     each process computes its rows of the same batch (`diffusion_loss`'s `rows`) and the
     averaged gradients are the whole batch's. The EMA models are saved to `final` by rank 0
