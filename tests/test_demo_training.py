@@ -588,29 +588,14 @@ def test_multires_noise_is_coarse_and_reaches_the_loss_and_both_ldm_cycles():
     latents = torch.randn(2, 4, 8, 8)
     ids = ldm_mod.tokenize(["a red circle", ""])
     ac = ldm_mod.training_alphas_cumprod()
-    base = ldm_mod.diffusion_loss(
-        models, latents, ids, ac, 5.0, torch.Generator().manual_seed(3), prediction="v"
-    )
-    same = ldm_mod.diffusion_loss(
-        models,
-        latents,
-        ids,
-        ac,
-        5.0,
-        torch.Generator().manual_seed(3),
-        prediction="v",
-        lowres_noise=0.0,
-    )
-    other = ldm_mod.diffusion_loss(
-        models,
-        latents,
-        ids,
-        ac,
-        5.0,
-        torch.Generator().manual_seed(3),
-        prediction="v",
-        lowres_noise=0.3,
-    )
+
+    def loss(**extra):
+        generator = torch.Generator().manual_seed(3)
+        return ldm_mod.diffusion_loss(
+            models, latents, ids, ac, 5.0, generator, prediction="v", **extra
+        )
+
+    base, same, other = loss(), loss(lowres_noise=0.0), loss(lowres_noise=0.3)
     assert torch.equal(base, same) and not torch.equal(base, other)
 
     args = train_demo._parse(["--lowres-noise", "0.3"])
