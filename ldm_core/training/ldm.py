@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -577,8 +578,7 @@ def train_ldm_parallel(
     except mp.ProcessRaisedException as exc:
         raise SystemExit(f"ldm: a training process failed:\n{exc}") from None
     finally:
-        store.unlink(missing_ok=True)
-        store.parent.rmdir()
+        shutil.rmtree(store.parent, ignore_errors=True)
     return _load_final(Path(final), unet_config, text_config)
 
 
