@@ -6,11 +6,11 @@
 Trains the demo model's UNet (text encoder frozen, as in the 90-minute schedule; batch 64,
 lr 1.6e-3) for `--minutes` with `train_ldm` in this process on 2 threads, then for as long
 with `train_ldm_parallel` over `--procs` single-thread processes, on 20,000 random latents
-with world captions, and prints the steps a second of each and their ratio. `--rounds` > 1
-alternates the two again so both see the same machine. `--parallel-batch` sets the
-parallel run's global batch (split over the processes); samples a second are reported too,
-so a larger global batch can be compared. Steps are counted by the
-training loop's own clock (its checkpoint), so process start-up is not charged to either.
+with world captions, and prints the steps and samples a second of each. `--rounds` > 1
+alternates the two again so both see the same machine. `--parallel-batch` sets the parallel
+run's global batch (split over the processes); the ratio is in samples a second, so a larger
+global batch can be compared. Steps are counted by the training loop's own clock (its
+checkpoint), so process start-up is not charged to either.
 """
 
 from __future__ import annotations

@@ -558,8 +558,9 @@ def train_ldm_parallel(
     1.5- to 2-minute runs, `bench/bench_ldm_procs.py` and the like): 1.03 to 1.20 times the
     joint steps a second of one process with two threads in four pairs, 1.13 on average; the
     bare UNet step gains more (1.32x), the rest of a step (captions, tokenising, the
-    all-reduce, the EMA) less, and the machine's speed varies from minute to minute. At these
-    tensor sizes intra-op threads wait on each other more than two processes do. The training
+    all-reduce, the EMA) less, and the machine's speed varies from minute to minute; in a whole
+    45-minute joint stage of a 90-minute run, 1.02 times (another sitting's one-process run). At
+    these tensor sizes intra-op threads wait on each other more than two processes do. The training
     is the same: each process computes its rows of the same batch (`diffusion_loss`'s `rows`)
     and the averaged gradients are the whole batch's. The EMA models are saved to `final` by rank 0
     and returned from there. `kwargs` are `train_ldm`'s (`init`, `resume`, `vae`,

@@ -77,8 +77,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="stages 7 and 8: data parallel over this many single-thread processes (measured on "
-        "2 cores: 2 processes train 1.03-1.20x, on average 1.13x, the joint steps a second of "
-        "1 process with 2 threads)",
+        "2 cores against 1 process with 2 threads: 1.03-1.20x the joint steps a second in short "
+        "runs, 1.02x in a 90-minute one)",
     )
     p.add_argument("--ldm-lr", type=float, default=8e-4, help="peak learning rate of stage 7")
     p.add_argument(
