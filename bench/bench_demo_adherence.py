@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,23 @@ def time_one_txt2img(ckpt, args, runs: int = 3) -> float:
     return best
 
 
+def confusions(
+    preds: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
+) -> dict[str, list[tuple[str, str, int]]]:
+    """The judge's misreadings per attribute: (asked, drawn, count), most frequent first."""
+    out = {}
+    for a in world.ATTRIBUTES:
+        names = world.LABELS[a]
+        wrong = Counter(
+            (names[int(t)], names[int(p)])
+            for t, p in zip(labels[a], preds[a], strict=True)
+            if int(t) != int(p)
+        )
+        if wrong:
+            out[a] = [(asked, drawn, n) for (asked, drawn), n in wrong.most_common()]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models/Stable-diffusion/demo-shapes.safetensors"))
@@ -162,10 +180,15 @@ def main() -> int:
         )
         print(f"  {a:<10} {acc[a]:7.1%}{verdict}")
     print(f"  all five   {float(all_right.float().mean()):7.1%}")
+    errors = confusions(preds, labels)
+    for a, pairs_ in errors.items():
+        shown = ", ".join(f"{asked}->{drawn} x{n}" for asked, drawn, n in pairs_[:5])
+        print(f"  {a} errors (asked->drawn): {shown}")
     result = {
         "accuracy": acc,
         "all_attributes": float(all_right.float().mean()),
         "prompts": len(prompts),
+        "errors": {a: [list(e) for e in pairs_] for a, pairs_ in errors.items()},
     }
     if not args.no_timing:
         t = time_one_txt2img(ckpt, args)
