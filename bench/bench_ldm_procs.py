@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
             ldm_mod.train_ldm_parallel(Path(d), data, par, Path(d) / "final.pt", init=init)
             parallel.append(_rate(Path(d)))
     one, many = float(np.mean(single)), float(np.mean(parallel))
-    b = args.parallel_batch
-    print(f"one process, 2 threads: {one:.3f} steps/s, {one * 64:.0f} samples/s (batch 64)")
+    b1, b = cfg.batch_size, args.parallel_batch
+    print(f"one process, 2 threads: {one:.3f} steps/s, {one * b1:.0f} samples/s (batch {b1})")
     print(f"{args.procs} processes: {many:.3f} steps/s, {many * b:.0f} samples/s (batch {b})")
-    ratio = many * b / (one * 64)
+    ratio = many * b / (one * b1)
     print(f"ratio in samples a second: {ratio:.2f}x")
     return {"single": single, "parallel": parallel, "ratio": ratio}
 
