@@ -607,6 +607,51 @@ def test_multires_noise_is_coarse_and_reaches_the_loss_and_both_ldm_cycles():
             train_demo._parse(argv)
 
 
+def test_lowfreq_weight_counts_an_objects_mean_error_more_and_reaches_both_ldm_cycles():
+    from ldm_core.training import train_demo
+
+    torch.manual_seed(0)
+    models = ldm_mod.build_models(TINY_UNET, TINY_TEXT)
+    ac = ldm_mod.training_alphas_cumprod()
+    ids = ldm_mod.tokenize(["a red circle"])
+    latents = torch.randn(1, 4, 8, 8)
+
+    class Fixed(torch.nn.Module):
+        """A UNet whose output is the v target plus a chosen error."""
+
+        def __init__(self, err):
+            super().__init__()
+            self.err = err
+
+        def forward(self, noisy, t, context):
+            a = ac[t].view(-1, 1, 1, 1)
+            x0 = latents
+            eps = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+            return a.sqrt() * eps - (1 - a).sqrt() * x0 + self.err
+
+    def loss(err, w):
+        models.unet = Fixed(err)
+        generator = torch.Generator().manual_seed(3)
+        return ldm_mod.diffusion_loss(
+            models, latents, ids, ac, 5.0, generator, prediction="v", lowfreq_weight=w
+        ).item()
+
+    flat = torch.full((1, 4, 8, 8), 0.1)  # the same over every 2x2 cell: a colour error
+    checker = flat * (torch.arange(8).view(8, 1) + torch.arange(8)).remainder(2) * 2 - flat
+    assert checker.abs().allclose(flat)  # +-0.1: the same plain MSE, zero cell means
+    assert loss(flat, 0.0) == pytest.approx(loss(checker, 0.0), rel=1e-4)
+    assert loss(flat, 2.0) == pytest.approx(3 * loss(flat, 0.0), rel=1e-4)
+    assert loss(checker, 2.0) == pytest.approx(loss(checker, 0.0), rel=1e-4)
+
+    args = train_demo._parse(["--lowfreq-weight", "2"])
+    for cfg in (ldm_mod.ldm_config(args), ldm_mod.ldm_restart_config(args)):
+        assert cfg.lowfreq_weight == 2.0
+    assert ldm_mod.ldm_config(train_demo._parse([])).lowfreq_weight == 0.0
+    for argv in (["--lowfreq-weight", "-1"], ["--lowfreq-weight", "1000"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)
+
+
 def test_data_parallel_processes_take_the_steps_one_process_takes(tmp_path):
     """Two single-thread processes, each computing half of every batch, take the optimiser
     steps one process computing the whole batch takes, and resume like it."""

@@ -78,6 +78,7 @@ class LDMTrainConfig:
     x0_weight_floor: float = 1.0
     timestep_exponent: float = 1.0  # < 1: draw high-noise timesteps more often (diffusion_loss)
     lowres_noise: float = 0.0  # > 0: multi-resolution noise on top of the white (diffusion_loss)
+    lowfreq_weight: float = 0.0  # > 0: extra weight on the error's 2x2-cell means (diffusion_loss)
     prediction: str = "v"
     zero_terminal_snr: bool = False
     ema_decay: float = 0.997
@@ -238,6 +239,7 @@ def diffusion_loss(
     timestep_exponent: float = 1.0,
     lowres_noise: float = 0.0,
     rows: slice | None = None,
+    lowfreq_weight: float = 0.0,
 ) -> torch.Tensor:
     """Weighted eps- or v-prediction MSE. latents [B, 4, h, w] (scaled), input_ids [B, 77].
 
@@ -254,6 +256,12 @@ def diffusion_loss(
     a v model predicts x0 there almost directly (SD 2's 768-v models use it for the same reason).
 
     `timestep_exponent`: see `sample_timesteps`. `lowres_noise`: see `multires_noise`.
+    `lowfreq_weight`: adds this weight times the MSE of the error averaged over 2x2 latent
+    cells (16x16 pixels, about one object), so an error that is the same over an object (its
+    colour) counts 1 + `lowfreq_weight` times, while one that changes from cell to cell (an
+    edge) counts as before. The x0 error is a per-sample multiple of the eps or v error, so
+    the pooled term carries the same x0 weighting as the plain one. Aimed at colour: the world's
+    neighbouring hues (yellow and orange, purple and blue) differ little in the plain MSE.
     `rows`: the timesteps and noise are drawn for the whole batch, then only these rows are
     computed (a data-parallel process's share: the processes together compute exactly the loss
     of the whole batch, which one process computes with `rows=None`).
@@ -281,7 +289,11 @@ def diffusion_loss(
         weight = x0_weight / (snr + 1)
     else:
         target, weight = noise, x0_weight / snr
-    per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    err = out.float() - target
+    per_sample = err.pow(2).mean(dim=(1, 2, 3))
+    if lowfreq_weight > 0:
+        coarse = F.avg_pool2d(err, 2, ceil_mode=True).pow(2).mean(dim=(1, 2, 3))
+        per_sample = per_sample + lowfreq_weight * coarse
     return (weight * per_sample).mean()
 
 
@@ -462,6 +474,7 @@ def train_ldm(
             cfg.timestep_exponent,
             cfg.lowres_noise,
             rows,
+            cfg.lowfreq_weight,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -695,6 +708,7 @@ def ldm_config(args) -> LDMTrainConfig:
         caption_dropout=getattr(args, "caption_dropout", LDMTrainConfig.caption_dropout),
         timestep_exponent=getattr(args, "timestep_exponent", LDMTrainConfig.timestep_exponent),
         lowres_noise=getattr(args, "lowres_noise", LDMTrainConfig.lowres_noise),
+        lowfreq_weight=getattr(args, "lowfreq_weight", LDMTrainConfig.lowfreq_weight),
         procs=getattr(args, "ldm_procs", LDMTrainConfig.procs),
     )
 

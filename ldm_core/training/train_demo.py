@@ -103,6 +103,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(multi-resolution 'offset' noise) to the white noise; 0: white noise only",
     )
     p.add_argument(
+        "--lowfreq-weight",
+        type=float,
+        default=0.0,
+        help="stages 7 and 8: extra loss weight on the error averaged over 2x2 latent cells "
+        "(an object's colour); 0: the plain MSE",
+    )
+    p.add_argument(
         "--ae-restart-minutes",
         type=float,
         default=10.0,
@@ -160,6 +167,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--ldm-procs must be >= 1 and divide --ldm-batch")
     if not 0 <= args.lowres_noise <= 1:
         p.error("--lowres-noise must be in [0, 1]")
+    if not 0 <= args.lowfreq_weight <= 100:
+        p.error("--lowfreq-weight must be in [0, 100]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
     if args.perceptual_weight < 0 or args.perceptual_steps < 1:
