@@ -652,6 +652,76 @@ def test_lowfreq_weight_counts_an_objects_mean_error_more_and_reaches_both_ldm_c
             train_demo._parse(argv)
 
 
+def test_overshoot_noises_from_a_pushed_latent_but_asks_for_the_clean_one():
+    from ldm_core.training import train_demo
+
+    torch.manual_seed(0)
+    ac = ldm_mod.training_alphas_cumprod()
+    models = ldm_mod.build_models(TINY_UNET, TINY_TEXT)
+    latents = torch.randn(64, 4, 8, 8) + torch.tensor([0.5, -1.0, 0.0, 2.0]).view(1, 4, 1, 1)
+    ids = ldm_mod.tokenize(["a red circle"] * 64)
+    seen = {}
+
+    class Exact(torch.nn.Module):
+        """A UNet that returns the v target for the clean latents, and records its inputs."""
+
+        def forward(self, noisy, t, context):
+            seen["noisy"], seen["t"] = noisy, t
+            a = ac[t].view(-1, 1, 1, 1)
+            x0 = seen["x0"]
+            eps = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+            return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    models.unet = Exact()
+
+    def run(overshoot, rows=None):
+        generator = torch.Generator().manual_seed(3)
+        seen["x0"] = latents if rows is None else latents[rows]
+        loss = ldm_mod.diffusion_loss(
+            models,
+            latents,
+            ids,
+            ac,
+            5.0,
+            generator,
+            prediction="v",
+            rows=rows,
+            overshoot=overshoot,
+        )
+        return loss, seen["noisy"], seen["t"]
+
+    loss0, noisy0, t = run(0.0)
+    loss1, noisy1, t1 = run(1.5)
+    assert torch.equal(t, t1)  # the same timesteps and noise: only the input moved
+    # the target still asks for the clean latent: the exact UNet scores zero either way
+    assert loss0.item() < 1e-8 and loss1.item() < 1e-8
+    a = ac[t].view(-1, 1, 1, 1)
+    push = (noisy1 - noisy0) / a.sqrt()  # = (k - 1)(x0 - m)
+    centred = latents - latents.mean(dim=(0, 2, 3), keepdim=True)
+    k_minus_1 = (push * centred).sum(dim=(1, 2, 3)) / centred.pow(2).sum(dim=(1, 2, 3))
+    assert torch.allclose(push, k_minus_1.view(-1, 1, 1, 1) * centred, atol=1e-4)
+    high = ac[t] <= 0.5
+    assert torch.all(k_minus_1[~high].abs() < 1e-5)  # sigma < 1: untouched
+    moved = k_minus_1[high] > 1e-5
+    assert 0.25 < moved.float().mean() < 0.75  # about half of the high-noise samples
+    assert torch.all(k_minus_1[high] < 1.5 + 1e-4)
+
+    # the push is drawn for the whole batch: two data-parallel halves add up to it
+    torch.manual_seed(1)  # a real UNet, so the loss is not zero
+    models.unet = ldm_mod.build_models(TINY_UNET, TINY_TEXT).unet
+    full = run(1.5)[0]
+    halves = [run(1.5, slice(0, 32))[0], run(1.5, slice(32, 64))[0]]
+    assert full.item() == pytest.approx(sum(h.item() for h in halves) / 2, rel=1e-4)
+
+    args = train_demo._parse(["--overshoot", "1.5"])
+    for cfg in (ldm_mod.ldm_config(args), ldm_mod.ldm_restart_config(args)):
+        assert cfg.overshoot == 1.5
+    assert ldm_mod.ldm_config(train_demo._parse([])).overshoot == 0.0
+    for argv in (["--overshoot", "-1"], ["--overshoot", "11"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)
+
+
 def test_data_parallel_processes_take_the_steps_one_process_takes(tmp_path):
     """Two single-thread processes, each computing half of every batch, take the optimiser
     steps one process computing the whole batch takes, and resume like it."""

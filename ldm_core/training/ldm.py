@@ -79,6 +79,7 @@ class LDMTrainConfig:
     timestep_exponent: float = 1.0  # < 1: draw high-noise timesteps more often (diffusion_loss)
     lowres_noise: float = 0.0  # > 0: multi-resolution noise on top of the white (diffusion_loss)
     lowfreq_weight: float = 0.0  # > 0: extra weight on the error's 2x2-cell means (diffusion_loss)
+    overshoot: float = 0.0  # > 0: inputs pushed away from the batch mean, as guidance does (same)
     prediction: str = "v"
     zero_terminal_snr: bool = False
     ema_decay: float = 0.997
@@ -240,6 +241,7 @@ def diffusion_loss(
     lowres_noise: float = 0.0,
     rows: slice | None = None,
     lowfreq_weight: float = 0.0,
+    overshoot: float = 0.0,
 ) -> torch.Tensor:
     """Weighted eps- or v-prediction MSE. latents [B, 4, h, w] (scaled), input_ids [B, 77].
 
@@ -262,6 +264,14 @@ def diffusion_loss(
     edge) counts as before. The x0 error is a per-sample multiple of the eps or v error, so
     the pooled term carries the same x0 weighting as the plain one. Aimed at colour: the world's
     neighbouring hues (yellow and orange, purple and blue) differ little in the plain MSE.
+    `overshoot`: half the samples at noise levels with SNR <= 1 (sigma >= 1) are noised from
+    m + k (x0 - m) instead of x0, k = 1 + `overshoot` u with u uniform in [0, 1) and m the
+    batch's mean latent per channel, while the target still asks for the clean x0 (the v or eps
+    target is built from the noise the input implies given x0). That is what guidance does to a
+    sample: at high noise the unconditional branch predicts about m, so the guided x0 is about
+    m + w (x0 - m), and a short schedule's conditional branch follows the overshot sample instead
+    of the prompt (docs/demo-model.md, "Where colour goes wrong"). Trained this way it must
+    pull an overshot sample back to the colour the prompt asks for.
     `rows`: the timesteps and noise are drawn for the whole batch, then only these rows are
     computed (a data-parallel process's share: the processes together compute exactly the loss
     of the whole batch, which one process computes with `rows=None`).
@@ -273,10 +283,19 @@ def diffusion_loss(
     noise = torch.randn(latents.shape, generator=generator)
     if lowres_noise > 0:
         noise = noise + lowres_noise * multires_noise(latents.shape, generator)
+    push = None
+    if overshoot > 0:  # drawn for the whole batch, so data-parallel shares add up to it
+        k = 1 + overshoot * torch.rand((b,), generator=generator)
+        k = torch.where(torch.rand((b,), generator=generator) < 0.5, k, torch.ones(()))
+        push = (k - 1).view(b, 1, 1, 1) * (latents - latents.mean(dim=(0, 2, 3), keepdim=True))
     if rows is not None:
         latents, input_ids, t, noise = latents[rows], input_ids[rows], t[rows], noise[rows]
+        push = None if push is None else push[rows]
         b = latents.shape[0]
     ac = alphas_cumprod[t].float().view(b, 1, 1, 1)
+    if push is not None:  # only where sigma >= 1, so the implied noise stays bounded
+        push = push * (ac <= 0.5)
+        noise = noise + (ac / (1 - ac)).sqrt() * push
     noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         context = models.text_encoder(input_ids)
@@ -475,6 +494,7 @@ def train_ldm(
             cfg.lowres_noise,
             rows,
             cfg.lowfreq_weight,
+            cfg.overshoot,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -709,6 +729,7 @@ def ldm_config(args) -> LDMTrainConfig:
         timestep_exponent=getattr(args, "timestep_exponent", LDMTrainConfig.timestep_exponent),
         lowres_noise=getattr(args, "lowres_noise", LDMTrainConfig.lowres_noise),
         lowfreq_weight=getattr(args, "lowfreq_weight", LDMTrainConfig.lowfreq_weight),
+        overshoot=getattr(args, "overshoot", LDMTrainConfig.overshoot),
         procs=getattr(args, "ldm_procs", LDMTrainConfig.procs),
     )
 

@@ -110,6 +110,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(an object's colour); 0: the plain MSE",
     )
     p.add_argument(
+        "--overshoot",
+        type=float,
+        default=0.0,
+        help="stages 7 and 8: noise half the samples at sigma >= 1 from the latent pushed up to "
+        "1 + this many times further from the batch mean (as guidance overshoots), the target "
+        "still the clean latent; 0: off",
+    )
+    p.add_argument(
         "--ae-restart-minutes",
         type=float,
         default=10.0,
@@ -169,6 +177,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--lowres-noise must be in [0, 1]")
     if not 0 <= args.lowfreq_weight <= 100:
         p.error("--lowfreq-weight must be in [0, 100]")
+    if not 0 <= args.overshoot <= 10:
+        p.error("--overshoot must be in [0, 10]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
     if args.perceptual_weight < 0 or args.perceptual_steps < 1:
