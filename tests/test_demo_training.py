@@ -848,3 +848,55 @@ def test_text_target_weights_set_each_attributes_share_and_refuse_bad_values(tmp
     cfg.target_weights = None  # the same code resumes
     text_pretrain.pretrain_text_encoder(tmp_path, TINY_TEXT, cfg, resume=True)
     assert torch.load(tmp_path / "text_state.pt", weights_only=True)["step"] == 2
+
+
+def test_object_cell_weights_raise_the_cells_objects_cover_and_keep_the_loss_scale():
+    from ldm_core.training import train_demo
+
+    small = world.SceneObject("circle", "yellow", "small", "top left")
+    large = world.SceneObject("square", "red", "large", "bottom right")
+    scenes = [world.Scene((small,), "blue"), world.Scene((small, large), "white")]
+    w = ldm_mod.object_cell_weights(scenes, 8, 6.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    # a small object at (16, 16) with radius 7 touches pixels 9..23: cells 1 and 2 each way
+    hi = w[0, 0] > w[0, 0].min()
+    assert hi.nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert w[0, 0, 1, 1] / w[0, 0, 0, 0] == pytest.approx(7.0)
+    # the second scene also raises the large object's cells, around (48, 48)
+    assert w[1, 0, 6, 6] > w[1, 0, 0, 0] and w[1, 0, 1, 1] > w[1, 0, 0, 0]
+    assert int((w[1, 0] > w[1, 0].min()).sum()) > 4 + 9
+    with pytest.raises(ValueError, match="divide"):
+        ldm_mod.object_cell_weights(scenes, 7, 6.0)
+
+    # the loss counts each latent cell's squared error by its weight
+    torch.manual_seed(0)
+    ac = ldm_mod.training_alphas_cumprod()
+    models = ldm_mod.build_models(TINY_UNET, TINY_TEXT)
+    latents = torch.randn(4, 4, 8, 8)
+    ids = ldm_mod.tokenize(["a yellow circle"] * 4)
+
+    def loss(weights, rows=None):
+        g = torch.Generator().manual_seed(5)
+        return ldm_mod.diffusion_loss(
+            models, latents, ids, ac, 5.0, g, prediction="v", rows=rows, cell_weights=weights
+        ).item()
+
+    plain = loss(None)
+    assert loss(torch.ones(4, 1, 8, 8)) == pytest.approx(plain, rel=1e-6)
+    only = torch.zeros(4, 1, 8, 8)
+    only[:, :, :4] = 2.0  # the top half counted twice, the bottom half not at all
+    top, bottom = loss(only), loss(2.0 - only)
+    assert top != pytest.approx(plain, rel=1e-3)
+    assert (top + bottom) / 2 == pytest.approx(plain, rel=1e-5)
+    # data-parallel shares slice the weights with the batch
+    full = loss(only)
+    assert full == pytest.approx((loss(only, slice(0, 2)) + loss(only, slice(2, 4))) / 2, rel=1e-4)
+
+    args = train_demo._parse(["--object-weight", "6"])
+    for cfg in (ldm_mod.ldm_config(args), ldm_mod.ldm_restart_config(args)):
+        assert cfg.object_weight == 6.0
+    assert ldm_mod.ldm_config(train_demo._parse([])).object_weight == 0.0
+    for argv in (["--object-weight", "-1"], ["--object-weight", "101"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)

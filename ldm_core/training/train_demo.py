@@ -118,6 +118,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "still the clean latent; 0: off",
     )
     p.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="stages 7 and 8: latent cells the objects cover count 1 + this many times in the "
+        "loss (each sample's weights scaled to mean 1), so small objects' colour counts; 0: off",
+    )
+    p.add_argument(
         "--ae-restart-minutes",
         type=float,
         default=10.0,
@@ -179,6 +186,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--lowfreq-weight must be in [0, 100]")
     if not 0 <= args.overshoot <= 10:
         p.error("--overshoot must be in [0, 10]")
+    if not 0 <= args.object_weight <= 100:
+        p.error("--object-weight must be in [0, 100]")
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
     if args.perceptual_weight < 0 or args.perceptual_steps < 1:
