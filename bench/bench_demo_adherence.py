@@ -133,6 +133,20 @@ def confusions(
     return out
 
 
+def errors_by_size(
+    preds: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
+) -> dict[str, dict[str, int]]:
+    """Misreadings per attribute split by the main object's size: {attribute: {size: count}},
+    every size listed, attributes without errors left out."""
+    sizes = world.LABELS["size"]
+    out = {}
+    for a in world.ATTRIBUTES:
+        wrong = preds[a] != labels[a]
+        if bool(wrong.any()):
+            out[a] = {s: int((wrong & (labels["size"] == i)).sum()) for i, s in enumerate(sizes)}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models/Stable-diffusion/demo-shapes.safetensors"))
@@ -184,11 +198,16 @@ def main() -> int:
     for a, pairs_ in errors.items():
         shown = ", ".join(f"{asked}->{drawn} x{n}" for asked, drawn, n in pairs_[:5])
         print(f"  {a} errors (asked->drawn): {shown}")
+    by_size = errors_by_size(preds, labels)
+    for a, counts in by_size.items():
+        shown = ", ".join(f"{size} {n}" for size, n in counts.items())
+        print(f"  {a} errors by the object's size: {shown}")
     result = {
         "accuracy": acc,
         "all_attributes": float(all_right.float().mean()),
         "prompts": len(prompts),
         "errors": {a: [list(e) for e in pairs_] for a, pairs_ in errors.items()},
+        "errors_by_size": by_size,
     }
     if not args.no_timing:
         t = time_one_txt2img(ckpt, args)

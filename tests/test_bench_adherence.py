@@ -34,3 +34,23 @@ def test_confusions_count_asked_and_drawn_per_attribute_most_frequent_first():
         "colour": [("purple", "blue", 2), ("yellow", "white", 1)],
         "shape": [("square", "circle", 1)],
     }
+
+
+def test_errors_by_size_split_each_attributes_misreadings_by_the_main_objects_size():
+    names, sizes = world.LABELS["colour"], world.LABELS["size"]
+    small, large = sizes.index("small"), sizes.index("large")
+    yellow, orange = names.index("yellow"), names.index("orange")
+    labels = {a: torch.zeros(5, dtype=torch.long) for a in world.ATTRIBUTES}
+    preds = {a: torch.zeros(5, dtype=torch.long) for a in world.ATTRIBUTES}
+    labels["size"] = torch.tensor([small, small, large, small, large])
+    preds["size"] = labels["size"].clone()
+    labels["colour"] = torch.full((5,), yellow)
+    preds["colour"] = torch.tensor([orange, orange, orange, yellow, yellow])
+    preds["shape"][4] = 1  # one large object drawn in the wrong shape
+    preds["size"][0] = large  # and one small object drawn large: counted under its asked size
+
+    assert _bench().errors_by_size(preds, labels) == {
+        "colour": {"small": 2, "large": 1},
+        "shape": {"small": 0, "large": 1},
+        "size": {"small": 1, "large": 0},
+    }
