@@ -7,7 +7,8 @@
 Prompts come from `world.benchmark_prompts` (held-out caption templates, never used in
 training), one image each: 20 steps, DPM++ 2M, CFG 5, 64x64, empty negative prompt. The judge
 reads colour, shape, size, position and background of the main object; the script prints the
-accuracy of each against the bars of issue 5 and times one 20-step 64x64 txt2img.
+accuracy of each against the bars of issue 5, the misreadings (asked -> drawn, and how many of
+them by the main object's size) and times one 20-step 64x64 txt2img.
 
 `--engine pipeline` generates through `ldm_core.pipeline.txt2img` one prompt at a time (what the
 app does); `--engine local` uses the batched sampling loop of `ldm_core.training.ldm` (faster,
