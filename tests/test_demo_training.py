@@ -889,9 +889,13 @@ def test_object_cell_weights_raise_the_cells_objects_cover_and_keep_the_loss_sca
     top, bottom = loss(only), loss(2.0 - only)
     assert top != pytest.approx(plain, rel=1e-3)
     assert (top + bottom) / 2 == pytest.approx(plain, rel=1e-5)
-    # data-parallel shares slice the weights with the batch
-    full = loss(only)
-    assert full == pytest.approx((loss(only, slice(0, 2)) + loss(only, slice(2, 4))) / 2, rel=1e-4)
+    # data-parallel shares slice the weights with the batch (a different map per sample, so a
+    # share that read another share's rows would not add up)
+    mixed = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2
+    halves = (loss(mixed, slice(0, 2)) + loss(mixed, slice(2, 4))) / 2
+    assert loss(mixed) == pytest.approx(halves, rel=1e-4)
+    swapped = (loss(mixed.flip(0), slice(0, 2)) + loss(mixed.flip(0), slice(2, 4))) / 2
+    assert swapped != pytest.approx(halves, rel=1e-3)
 
     args = train_demo._parse(["--object-weight", "6"])
     for cfg in (ldm_mod.ldm_config(args), ldm_mod.ldm_restart_config(args)):
