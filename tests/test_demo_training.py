@@ -904,3 +904,60 @@ def test_object_cell_weights_raise_the_cells_objects_cover_and_keep_the_loss_sca
     for argv in (["--object-weight", "-1"], ["--object-weight", "101"]):
         with pytest.raises(SystemExit):
             train_demo._parse(argv)
+
+
+def test_latent_balance_evens_the_channels_spread_and_keeps_the_autoencoders_function(
+    monkeypatch,
+):
+    from functools import partial
+
+    from ldm_core.nn.autoencoder import AutoencoderKL
+    from ldm_core.training import train_demo
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(TINY_VAE).eval()
+    with torch.no_grad():  # channel spreads 1 : 1/2 : 1/4 : 1/100 of what they were
+        ae.quant_conv.weight[:4] *= torch.tensor([1.0, 0.5, 0.25, 0.01]).view(-1, 1, 1, 1)
+        ae.quant_conv.bias[:4] *= torch.tensor([1.0, 0.5, 0.25, 0.01])
+    images = world.SceneStream(3).batch(8).images
+    with torch.no_grad():
+        mean0, logvar0 = ae.encode_moments(images)
+        recon0 = ae.decode(mean0)
+    std0 = ae_mod.encode_means(ae, world.SceneStream(12345).batch(64).images).std(dim=(0, 2, 3))
+
+    gains, scale = ae_mod.balance_latent_channels(ae, max_gain=8.0, num_images=64)
+    expected = (std0.max() / std0).clamp(max=8.0)
+    torch.testing.assert_close(torch.tensor(gains), expected, rtol=1e-4, atol=0)
+    assert gains[3] == pytest.approx(8.0)  # the near-unused channel is capped, not blown up
+    with torch.no_grad():
+        mean1, logvar1 = ae.encode_moments(images)
+        recon1 = ae.decode(mean1)
+    g = torch.tensor(gains).view(1, -1, 1, 1)
+    torch.testing.assert_close(mean1, mean0 * g, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logvar1, logvar0 + 2 * g.log(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(recon1, recon0, rtol=1e-4, atol=1e-5)
+    std1 = ae_mod.encode_means(ae, world.SceneStream(12345).batch(64).images).std(dim=(0, 2, 3))
+    torch.testing.assert_close(std1[:3], std1[0].expand(3), rtol=1e-3, atol=0)  # evened out
+    assert scale == pytest.approx(ae_mod.latent_scale_factor(ae, num_images=64), rel=1e-5)
+    with pytest.raises(ValueError, match="max_gain"):
+        ae_mod.balance_latent_channels(ae, max_gain=0.5, num_images=8)
+
+    # the recipe: off by default (weights untouched), on with --latent-balance; bad values refused
+    monkeypatch.setattr(
+        ae_mod,
+        "balance_latent_channels",
+        partial(ae_mod.balance_latent_channels, num_images=64),
+    )
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    assert train_demo.stage_balance(train_demo._parse([]), ae, 0.5) == 0.5
+    assert all(torch.equal(v, before[k]) for k, v in ae.state_dict().items())
+    args = train_demo._parse(["--latent-balance", "4"])
+    new_scale = train_demo.stage_balance(args, ae, 0.5)
+    assert new_scale != 0.5 and not torch.equal(ae.quant_conv.weight, before["quant_conv.weight"])
+    for argv in (
+        ["--latent-balance", "0.5"],
+        ["--latent-balance", "-1"],
+        ["--latent-balance", "2", "--continue-from", "x.safetensors"],
+    ):
+        with pytest.raises(SystemExit):
+            train_demo._parse(argv)

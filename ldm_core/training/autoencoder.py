@@ -438,6 +438,35 @@ def latent_scale_factor(ae: AutoencoderKL, num_images: int = 4096, seed: int = 1
     return float(1.0 / means.float().std())
 
 
+@torch.no_grad()
+def balance_latent_channels(
+    ae: AutoencoderKL, max_gain: float, num_images: int = 4096, seed: int = 12345
+) -> tuple[list[float], float]:
+    """Rescale `ae`'s latent channels in place so each one's posterior means spread as widely as
+    the widest channel's, by a gain of at most `max_gain` (a channel the decoder hardly reads
+    stays small). Returns the gains and the balanced latents' scale factor (as
+    `latent_scale_factor`, from the same renders).
+
+    The autoencoder's function is unchanged and its file keeps SD's layout: quant_conv's mean
+    rows are multiplied by the gain and its log-variance biases raised by 2 log(gain) (the
+    posterior is the same distribution, scaled), post_quant_conv's input columns divided by it.
+    What changes is the LDM's view: one global scale factor leaves a channel with half the others'
+    spread learnt to half their relative precision (the diffusion loss weighs channels alike).
+    """
+    if max_gain < 1:
+        raise ValueError(f"max_gain must be >= 1, not {max_gain}")
+    means = encode_means(ae, world.SceneStream(seed).batch(num_images).images)
+    std = means.std(dim=(0, 2, 3))
+    gains = (std.max() / std.clamp_min(1e-12)).clamp(max=max_gain)
+    d = ae.config.embed_dim
+    quant, post = ae.quant_conv, ae.post_quant_conv
+    quant.weight[:d] *= gains.view(-1, 1, 1, 1).to(quant.weight)
+    quant.bias[:d] *= gains.to(quant.bias)
+    quant.bias[d:] += 2 * gains.log().to(quant.bias)
+    post.weight /= gains.view(1, -1, 1, 1).to(post.weight)
+    return gains.tolist(), float(1.0 / (means * gains.view(1, -1, 1, 1)).std())
+
+
 Judge = Callable[
     [torch.Tensor], dict[str, torch.Tensor]
 ]  # images [B,3,H,W] -> attr -> class ids [B]

@@ -1020,13 +1020,8 @@ def stage_export(
     gate: dict | None,
     extra: dict[str, str] | None = None,
 ):
-    """Write `args.out`; `extra` metadata overrides what the recipe's arguments say."""
-    decoder = workdir / "ae_decoder_final.pt"
-    if (
-        getattr(args, "decoder_minutes", 0) > 0 and decoder.exists()
-    ):  # the decoder fine-tuned with the encoder frozen (train_demo stage)
-        vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["model"])
-        log.info("export: using the fine-tuned decoder from %s", decoder)
+    """Write `args.out` with `vae` as given (the autoencoder the LDM learnt from: fine-tuned
+    decoder, balanced channels); `extra` metadata overrides what the recipe's arguments say."""
     # the arguments that shaped the weights, so a file says which recipe made it
     recipe = {
         k: v
@@ -1039,6 +1034,7 @@ def stage_export(
                 "decoder_",
                 "perceptual_",
                 "num_",
+                "latent_",
                 "seed",
                 "continue_from",
                 "ztsnr",

@@ -125,6 +125,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "loss (each sample's weights scaled to mean 1), so small objects' colour counts; 0: off",
     )
     p.add_argument(
+        "--latent-balance",
+        type=float,
+        default=0.0,
+        metavar="MAX_GAIN",
+        help="before the latents are encoded: rescale the autoencoder's latent channels (its "
+        "function unchanged) so each spreads as widely as the widest, by a gain of at most "
+        "MAX_GAIN (>= 1); 0: off, one global scale factor",
+    )
+    p.add_argument(
         "--ae-restart-minutes",
         type=float,
         default=10.0,
@@ -188,6 +197,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--overshoot must be in [0, 10]")
     if not 0 <= args.object_weight <= 100:
         p.error("--object-weight must be in [0, 100]")
+    if args.latent_balance != 0 and not 1 <= args.latent_balance <= 100:
+        p.error("--latent-balance must be 0 (off) or in [1, 100]")
+    if args.latent_balance and args.continue_from:
+        p.error(
+            "--latent-balance reshapes the latents: a --continue-from file's UNet needs its own"
+        )
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
     if args.perceptual_weight < 0 or args.perceptual_steps < 1:
@@ -354,6 +369,21 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
     return ae
 
 
+def stage_balance(args, ae, scale_factor: float) -> float:
+    """`--latent-balance`: rescale `ae`'s latent channels in place; returns the new scale factor.
+    Deterministic (fixed renders), so a resumed run rebalances the same way and its latents match.
+    """
+    if args.latent_balance <= 0:
+        return scale_factor
+    gains, scale_factor = ae_mod.balance_latent_channels(ae, args.latent_balance)
+    log.info(
+        "latent balance: channel gains %s, scale factor %.5f",
+        " ".join(f"{g:.3f}" for g in gains),
+        scale_factor,
+    )
+    return scale_factor
+
+
 def continue_from(args, workdir: Path, t0: float) -> int:
     """More training for an exported demo file: its decoder fine-tuned again with the perceptual
     term and gated (stages 3 and 4, `--decoder-minutes`; the encoder stays frozen, so the file's
@@ -437,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stage decoder done at %.1f min", (time.monotonic() - t0) / 60)
     gate = stage_gate(args, workdir, ae)
     log.info("stage gate done at %.1f min", (time.monotonic() - t0) / 60)
+    scale_factor = stage_balance(args, ae, scale_factor)
 
     # Imported here so the recipe can be resumed with an updated second stage.
     from ldm_core.training import ldm as ldm_mod
