@@ -1013,7 +1013,6 @@ def export_demo(
 
 def stage_export(
     args,
-    workdir: Path,
     models: DemoModels,
     vae: AutoencoderKL,
     scale_factor: float,

@@ -439,7 +439,7 @@ def continue_from(args, workdir: Path, t0: float) -> int:
     if args.ldm_restart_minutes <= 0 and "ldm.training" in ckpt.metadata:
         extra["ldm.training"] = ckpt.metadata["ldm.training"]  # the file's UNet, as it was trained
     del ckpt
-    ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate, extra=extra)
+    ldm_mod.stage_export(args, models, ae, scale_factor, gate, extra=extra)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
     return 0
 
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stage ldm done at %.1f min", (time.monotonic() - t0) / 60)
     models = ldm_mod.stage_ldm_restart(args, workdir, data, models, judge=judge, vae=ae)
     log.info("stage ldm restart done at %.1f min", (time.monotonic() - t0) / 60)
-    ldm_mod.stage_export(args, workdir, models, ae, scale_factor, gate)
+    ldm_mod.stage_export(args, models, ae, scale_factor, gate)
     log.info("all stages done in %.1f min", (time.monotonic() - t0) / 60)
     return 0
 
