@@ -403,6 +403,7 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     state = torch.load(tmp_path / "frozen.pt", weights_only=True)
     for name, value in text.state_dict().items():
         assert torch.equal(state["text_encoder"][name], value), name
+        assert torch.equal(state["ema_text_encoder"][name], value), name  # what is exported
     unet = ldm_mod.build_models(TINY_UNET, TINY_TEXT).unet.state_dict()  # seed 0's start
     assert any(not torch.equal(state["unet"][k], v) for k, v in unet.items())
 
@@ -961,3 +962,27 @@ def test_latent_balance_evens_the_channels_spread_and_keeps_the_autoencoders_fun
     ):
         with pytest.raises(SystemExit):
             train_demo._parse(argv)
+
+
+def test_adamw_is_fused_on_cpu_and_takes_the_same_step_as_the_loop():
+    from ldm_core.training.optim import adamw
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    frozen = torch.nn.Parameter(torch.randn(4))  # no gradient: left alone
+    opt = adamw([{"params": a}, {"params": [frozen]}], lr=1e-2, weight_decay=0.01)
+    ref = torch.optim.AdamW(b, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, foreach=False)
+    assert opt.defaults["fused"] is True
+    before = frozen.detach().clone()
+    start = [p.detach().clone() for p in a]
+    for _ in range(3):
+        for p, q in zip(a, b, strict=True):
+            p.grad = torch.full_like(p, 0.5) + p.detach()
+            q.grad = torch.full_like(q, 0.5) + q.detach()
+        opt.step()
+        ref.step()
+    for p, q, p0 in zip(a, b, start, strict=True):
+        torch.testing.assert_close(p, q)
+        assert (p - p0).abs().min() > 1e-3  # every entry moved
+    assert torch.equal(frozen, before)

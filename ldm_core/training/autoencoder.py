@@ -27,6 +27,7 @@ from ldm_core.config import VAEConfig
 from ldm_core.nn.autoencoder import AutoencoderKL
 from ldm_core.training import world
 from ldm_core.training.checkpoints import save_atomic
+from ldm_core.training.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ def train_autoencoder(
     if cfg.decoder_only:
         ae.encoder.requires_grad_(False)
         ae.quant_conv.requires_grad_(False)
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = adamw(trained, lr=cfg.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)

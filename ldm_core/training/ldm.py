@@ -45,6 +45,7 @@ from ldm_core.training.autoencoder import (
 )
 from ldm_core.training.captions import training_caption
 from ldm_core.training.checkpoints import save_atomic
+from ldm_core.training.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +444,7 @@ def train_ldm(
         {"params": list(models.unet.parameters()), "lr_scale": 1.0},
         {"params": list(models.text_encoder.parameters()), "lr_scale": cfg.text_lr_scale},
     ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema_unet, ema_text = EMA(models.unet, cfg.ema_decay), EMA(models.text_encoder, cfg.ema_decay)
     warm = init is not None and "ema_unet" in init
     if warm:
@@ -462,6 +463,8 @@ def train_ldm(
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log.info("ldm: resumed at step %d (%.1f min done)", step, elapsed / 60)
+    if cfg.text_lr_scale == 0:  # the encoder the UNet trains against is the one exported
+        ema_text.module.load_state_dict(models.text_encoder.state_dict())
     log.info(
         "ldm: unet %.2fM, text encoder %.2fM parameters, %d latents, config %s",
         count_parameters(models.unet) / 1e6,
@@ -542,7 +545,8 @@ def train_ldm(
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         ema_unet.update(models.unet)
-        ema_text.update(models.text_encoder)
+        if cfg.text_lr_scale > 0:  # a frozen encoder's average is its weights (set above)
+            ema_text.update(models.text_encoder)
         tuner.record(time.monotonic() - t_step)
         step += 1
         window_steps += 1

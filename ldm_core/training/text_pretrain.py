@@ -48,6 +48,7 @@ from ldm_core.training.autoencoder import StopFlag, time_cosine_lr
 from ldm_core.training.captions import training_caption
 from ldm_core.training.checkpoints import save_atomic
 from ldm_core.training.ldm import DEMO_TEXT_CONFIG, tokenize
+from ldm_core.training.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def pretrain_text_encoder(
     else:
         raise ValueError(f"objective must be 'targets' or 'heads', not {cfg.objective!r}")
     params = list(text_encoder.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed = 0, 0.0
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
