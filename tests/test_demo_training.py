@@ -986,3 +986,15 @@ def test_adamw_is_fused_on_cpu_and_takes_the_same_step_as_the_loop():
         torch.testing.assert_close(p, q)
         assert (p - p0).abs().min() > 1e-3  # every entry moved
     assert torch.equal(frozen, before)
+
+
+def test_bench_optimizer_times_both_optimisers_on_every_network(capsys):
+    """bench/bench_optimizer.py: the fused and the loop copies agree, and both are timed."""
+    from bench import bench_optimizer
+
+    threads = torch.get_num_threads()
+    result = bench_optimizer.main(["--repeats", "1", "--threads", "1"])  # exits if they disagree
+    assert torch.get_num_threads() == threads
+    assert set(result) == {(n, 1) for n in ("autoencoder", "unet", "text encoder")}
+    assert all(r["fused"] > 0 and r["loop"] > 0 for r in result.values())
+    assert capsys.readouterr().out.count("ratio loop/fused") == 3
