@@ -408,6 +408,18 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     assert any(not torch.equal(state["unet"][k], v) for k, v in unet.items())
 
 
+def test_ldm_seed_moves_only_the_joint_stage_and_its_restart():
+    from ldm_core.training import train_demo
+
+    args = train_demo._parse(["--seed", "3"])
+    assert (ldm_mod.ldm_config(args).seed, ldm_mod.ldm_restart_config(args).seed) == (3, 4)
+    args = train_demo._parse(["--seed", "3", "--ldm-seed", "11"])
+    assert (ldm_mod.ldm_config(args).seed, ldm_mod.ldm_restart_config(args).seed) == (11, 12)
+    assert args.seed == 3  # the autoencoder, text and latent stages keep theirs
+    with pytest.raises(SystemExit):
+        train_demo._parse(["--ldm-seed", "x"])
+
+
 def test_text_lr_scale_reaches_both_ldm_cycles_and_bad_values_are_refused():
     from ldm_core.training import train_demo
 

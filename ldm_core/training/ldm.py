@@ -758,11 +758,17 @@ def stage_latents(args, workdir: Path, ae: AutoencoderKL, scale_factor: float) -
     return data
 
 
+def ldm_seed(args) -> int:
+    """The joint stage's seed: `--ldm-seed`, or `--seed` when it is not given."""
+    seed = getattr(args, "ldm_seed", None)
+    return args.seed if seed is None else seed
+
+
 def ldm_config(args) -> LDMTrainConfig:
     """The joint stage's settings from train_demo's command line."""
     return LDMTrainConfig(
         minutes=args.ldm_minutes,
-        seed=args.seed,
+        seed=ldm_seed(args),
         threads=args.threads,
         batch_size=getattr(args, "ldm_batch", LDMTrainConfig.batch_size),
         lr=getattr(args, "ldm_lr", LDMTrainConfig.lr),
@@ -789,7 +795,7 @@ def ldm_restart_config(args) -> LDMTrainConfig:
     return replace(
         ldm_config(args),
         minutes=getattr(args, "ldm_restart_minutes", 0.0),
-        seed=args.seed + 1,
+        seed=ldm_seed(args) + 1,
         lr=5e-4,
         warmup_steps=100,
     )

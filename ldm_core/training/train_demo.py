@@ -169,6 +169,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-latents", type=int, default=30_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ldm-seed",
+        type=int,
+        default=None,
+        help="seed of the joint stage and its restart only (init, batches, noise); "
+        "default --seed. Other seeds on one workdir's earlier stages measure the joint stage's spread",
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --workdir")
     p.add_argument("--skip-gate", action="store_true", help="continue even if the AE gate fails")
     p.add_argument(
