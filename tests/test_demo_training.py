@@ -408,6 +408,50 @@ def test_text_pretraining_learns_to_read_held_out_prompts_and_resumes(tmp_path):
     assert any(not torch.equal(state["unet"][k], v) for k, v in unet.items())
 
 
+def test_text_steps_fix_the_text_stage_length_and_its_cosine(tmp_path):
+    """--text-steps N: the text stage stops after exactly N steps whatever the time left, with
+    the learning rate's cosine over those steps; --text-minutes alone keeps it over the time."""
+    from ldm_core.training import text_pretrain, train_demo
+
+    def last_lr(steps, workdir):
+        cfg = text_pretrain.TextPretrainConfig(
+            objective="targets",
+            batch_size=4,
+            lr=1e-3,
+            warmup_steps=1,
+            min_lr_ratio=0.1,
+            minutes=10,
+            eval_prompts=8,
+            steps=steps,
+            max_steps=None if steps else 3,
+        )
+        text_pretrain.pretrain_text_encoder(workdir, TINY_TEXT, cfg, resume=False)
+        state = torch.load(workdir / "text_state.pt", weights_only=True)
+        return state["step"], state["opt"]["param_groups"][0]["lr"]
+
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    step, lr = last_lr(3, tmp_path / "a")
+    # the last step (2 of 3) sits two thirds along the cosine: 0.1 + 0.9 * 0.25 of the peak
+    assert step == 3 and lr == pytest.approx(1e-3 * (0.1 + 0.9 * 0.25))
+    step, lr = last_lr(None, tmp_path / "b")  # ten minutes of budget: barely started
+    assert step == 3 and lr > 0.99e-3
+    seen = {}
+
+    def fake_pretrain(workdir, text_config, cfg, resume):
+        seen["steps"] = cfg.steps
+        return text_pretrain.TextEncoder(TINY_TEXT), {}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text_pretrain, "pretrain_text_encoder", fake_pretrain)
+        args = train_demo._parse(["--text-minutes", "6", "--text-steps", "1365"])
+        text_pretrain.stage_text(args, tmp_path / "a")
+    assert seen["steps"] == 1365
+    for bad in (["--text-minutes", "6", "--text-steps", "0"], ["--text-steps", "100"]):
+        with pytest.raises(SystemExit):
+            train_demo._parse(bad)
+
+
 def test_ldm_seed_moves_only_the_joint_stage_and_its_restart():
     from ldm_core.training import train_demo
 

@@ -66,6 +66,9 @@ PRETRAIN_LABELS: dict[str, tuple[str, ...]] = {
 @dataclass
 class TextPretrainConfig:
     minutes: float = 3.0
+    # The run's length in steps, its cosine over them (`minutes` is then only a ceiling): the same
+    # text stage on any machine. None: as many steps as `minutes` allow, the cosine over time.
+    steps: int | None = None
     batch_size: int = 256
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -296,7 +299,10 @@ def pretrain_text_encoder(
 
     while True:
         elapsed = time.monotonic() - start
-        if elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps):
+        progress = elapsed / budget
+        if cfg.steps is not None:
+            progress = max(progress, step / cfg.steps)
+        if progress >= 1 or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
         if stop.stop:
             checkpoint()
@@ -316,7 +322,7 @@ def pretrain_text_encoder(
         else:
             logits = heads(states)
             loss = sum(F.cross_entropy(logits[a], targets[a]) for a in logits) / len(logits)
-        lr = time_cosine_lr(cfg.lr, step, elapsed / budget, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = time_cosine_lr(cfg.lr, step, progress, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -370,6 +376,7 @@ def stage_text(args, workdir: Path) -> dict | None:
         return {"text_encoder": state["text_encoder"]}
     cfg = TextPretrainConfig(
         minutes=minutes,
+        steps=getattr(args, "text_steps", None),
         seed=args.seed,
         objective="targets",
         tokens=77,

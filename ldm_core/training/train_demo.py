@@ -58,6 +58,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(3 and 6 are measured settings, 6 the better); 0: skip",
     )
     p.add_argument(
+        "--text-steps",
+        type=int,
+        metavar="N",
+        help="text stage: exactly N steps, the learning rate's cosine over them, so that machines "
+        "of any speed train the same text encoder (--text-minutes is then a ceiling); "
+        "default: as many steps as --text-minutes allow",
+    )
+    p.add_argument(
         "--text-lr-scale",
         type=float,
         default=1.0,
@@ -214,6 +222,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--caption-dropout must be in [0, 1)")
     if args.perceptual_weight < 0 or args.perceptual_steps < 1:
         p.error("--perceptual-weight must be >= 0 and --perceptual-steps >= 1")
+    if args.text_steps is not None and (args.text_steps < 1 or args.text_minutes <= 0):
+        p.error("--text-steps must be >= 1 and needs --text-minutes > 0 (its ceiling)")
     if args.text_target_weights is not None:
         if args.text_minutes <= 0:
             p.error("--text-target-weights shapes the text stage: it needs --text-minutes > 0")
