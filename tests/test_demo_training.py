@@ -532,6 +532,44 @@ def test_label_targets_code_scenes_with_position_dominant_and_decode_them():
     assert not torch.equal(text_pretrain.LabelTargets(96, seed=1)(targets), x)
 
 
+def test_orthogonal_label_code_keeps_every_two_classes_equally_far_apart(tmp_path, monkeypatch):
+    """--text-code orthogonal: all 58 rows at right angles with the gaussian code's norms, so
+    every attribute decodes exactly; a text stage made on one code is not reused for the other."""
+    from ldm_core.training import text_pretrain, train_demo
+
+    code = text_pretrain.LabelTargets(96, seed=0, orthogonal=True)
+    rows = torch.cat([code.codebook(a) / w**0.5 for a, w in text_pretrain.TARGET_WEIGHTS.items()])
+    assert rows.shape == (58, 96)
+    assert torch.allclose(rows @ rows.T, 96 * torch.eye(58), atol=1e-3)
+    colours = code.codebook("colour")
+    gaps = torch.pdist(colours)
+    assert float(gaps.max() - gaps.min()) < 1e-4  # seed 0's gaussian colours: 5.7 to 8.1 apart
+    targets = text_pretrain.scene_targets(world.SceneStream(3).batch(512).scenes)
+    x = code(targets)
+    decoded = code.decode(x)
+    assert all(bool((decoded[a].argmax(-1) == targets[a]).all()) for a in decoded)
+    share = float(code.codebook("position")[targets["position"]].pow(2).sum() / x.pow(2).sum())
+    assert 0.3 < share < 0.5, share
+    with pytest.raises(ValueError, match="do not fit"):
+        text_pretrain.LabelTargets(32, orthogonal=True)
+    # train_demo's text stage trains on it, and keeps it apart from the gaussian code
+    seen = {}
+
+    def fake_pretrain(workdir, text_config, cfg, resume):
+        seen["code"] = cfg.code
+        return text_pretrain.TextEncoder(TINY_TEXT), {}
+
+    monkeypatch.setattr(text_pretrain, "pretrain_text_encoder", fake_pretrain)
+    args = train_demo._parse(["--text-minutes", "6", "--text-code", "orthogonal"])
+    text_pretrain.stage_text(args, tmp_path)
+    assert seen["code"] == "orthogonal"
+    with pytest.raises(ValueError, match="another label code"):
+        text_pretrain.stage_text(train_demo._parse(["--text-minutes", "6"]), tmp_path)
+    assert "text_encoder" in text_pretrain.stage_text(args, tmp_path)
+    with pytest.raises(SystemExit):
+        train_demo._parse(["--text-minutes", "6", "--text-code", "spherical"])
+
+
 def test_padding_mask_starts_at_each_captions_eos():
     from ldm_core.training import text_pretrain
 

@@ -85,6 +85,8 @@ class TextPretrainConfig:
     pool: str = "attention"
     # "targets": each attribute's share of the code (`LabelTargets`); None: `TARGET_WEIGHTS`
     target_weights: dict[str, float] | None = None
+    # "targets": the code's rows drawn at random ("gaussian") or all at right angles ("orthogonal")
+    code: str = "gaussian"
     eval_prompts: int = 224
     log_every: int = 50
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
@@ -162,10 +164,12 @@ class LabelTargets(nn.Module):
     """A fixed random code of a scene's labels that the EOS and padding states regress onto.
 
     Each attribute has a codebook of unit-variance Gaussian rows, one per class, scaled by the
-    square root of its weight; a scene's code is the sum of its classes' rows, so a state has
-    unit variance per channel (what the final layer norm gives) and each attribute's share of it
-    is its weight. With the squared error, a caption that leaves an attribute out learns the
-    mean of that attribute's rows: the prior. `decode` reads the labels back by dot products.
+    square root of its weight (`orthogonal`: rows of the same norm, all at right angles, so no
+    two classes are closer than any other two); a scene's code is the sum of its classes' rows,
+    so a state has unit variance per channel (what the final layer norm gives) and each
+    attribute's share of it is its weight. With the squared error, a caption that leaves an
+    attribute out learns the mean of that attribute's rows: the prior. `decode` reads the labels
+    back by dot products.
     """
 
     def __init__(
@@ -174,13 +178,21 @@ class LabelTargets(nn.Module):
         weights: dict[str, float] = TARGET_WEIGHTS,
         labels: dict[str, tuple[str, ...]] = PRETRAIN_LABELS,
         seed: int = 0,
+        orthogonal: bool = False,
     ):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.names = tuple(weights)
-        for a in self.names:
-            rows = torch.randn(len(labels[a]), dim, generator=gen) * weights[a] ** 0.5
-            self.register_buffer(f"code_{a}", rows)
+        if orthogonal:  # every row of every codebook at right angles, each of norm sqrt(dim)
+            total = sum(len(labels[a]) for a in self.names)
+            if total > dim:
+                raise ValueError(f"{total} orthogonal rows do not fit in {dim} dimensions")
+            q, _ = torch.linalg.qr(torch.randn(dim, total, generator=gen))
+            all_rows = (q.T * dim**0.5).split([len(labels[a]) for a in self.names])
+        else:
+            all_rows = [torch.randn(len(labels[a]), dim, generator=gen) for a in self.names]
+        for a, rows in zip(self.names, all_rows, strict=True):
+            self.register_buffer(f"code_{a}", rows.contiguous() * weights[a] ** 0.5)
 
     def codebook(self, attr: str) -> torch.Tensor:
         return getattr(self, f"code_{attr}")
@@ -263,7 +275,11 @@ def pretrain_text_encoder(
     text_encoder = TextEncoder(text_config)
     if cfg.objective == "targets":
         weights = cfg.target_weights or TARGET_WEIGHTS
-        heads = LabelTargets(text_config.hidden_size, weights=weights, seed=cfg.seed)
+        if cfg.code not in ("gaussian", "orthogonal"):
+            raise ValueError(f"code must be 'gaussian' or 'orthogonal', not {cfg.code!r}")
+        heads = LabelTargets(
+            text_config.hidden_size, weights, seed=cfg.seed, orthogonal=cfg.code == "orthogonal"
+        )
     elif cfg.objective == "heads":
         heads = CaptionHeads(text_config.hidden_size, pool=cfg.pool)
     else:
@@ -366,11 +382,15 @@ def stage_text(args, workdir: Path) -> dict | None:
     final = workdir / "text_final.pt"
     if final.exists() and not args.no_resume:
         state = torch.load(final, map_location="cpu", weights_only=True)
-        saved = state.get("config", {}).get("target_weights")
-        if saved != getattr(args, "text_target_weights", None):
+        saved = state.get("config", {})
+        code = (saved.get("target_weights"), saved.get("code", "gaussian"))
+        if code != (
+            getattr(args, "text_target_weights", None),
+            getattr(args, "text_code", "gaussian"),
+        ):
             raise ValueError(
-                f"{final} was trained on another label code (target weights {saved}); "
-                "start it again with --no-resume or use another workdir"
+                f"{final} was trained on another label code (target weights {code[0]}, "
+                f"{code[1]} rows); start it again with --no-resume or use another workdir"
             )
         log.info("text: loaded %s", final)
         return {"text_encoder": state["text_encoder"]}
@@ -382,6 +402,7 @@ def stage_text(args, workdir: Path) -> dict | None:
         tokens=77,
         batch_size=128,
         target_weights=getattr(args, "text_target_weights", None),
+        code=getattr(args, "text_code", "gaussian"),
     )
     text_encoder, acc = pretrain_text_encoder(
         workdir, DEMO_TEXT_CONFIG, cfg, resume=not args.no_resume

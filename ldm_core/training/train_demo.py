@@ -58,6 +58,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(3 and 6 are measured settings, 6 the better); 0: skip",
     )
     p.add_argument(
+        "--text-code",
+        choices=("gaussian", "orthogonal"),
+        default="gaussian",
+        help="text stage: the label code's rows drawn at random (gaussian) or all at right "
+        "angles (orthogonal: any two colours as far apart as any other two)",
+    )
+    p.add_argument(
         "--text-steps",
         type=int,
         metavar="N",
