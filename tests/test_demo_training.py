@@ -1090,3 +1090,39 @@ def test_bench_optimizer_times_both_optimisers_on_every_network(capsys):
     assert set(result) == {(n, 1) for n in ("autoencoder", "unet", "text encoder")}
     assert all(r["fused"] > 0 and r["loop"] > 0 for r in result.values())
     assert capsys.readouterr().out.count("ratio loop/fused") == 3
+
+
+def test_ae_channels_set_the_autoencoders_levels_and_a_workdir_of_others_is_refused(tmp_path):
+    from ldm_core import detect
+    from ldm_core.nn.autoencoder import AutoencoderKL
+    from ldm_core.training import train_demo
+
+    assert ae_mod.vae_config_for_channels((32, 64, 128, 128)) == ae_mod.DEMO_VAE_CONFIG
+    assert train_demo._vae_config(train_demo._parse([])) == ae_mod.DEMO_VAE_CONFIG
+    wide = train_demo._vae_config(train_demo._parse(["--ae-channels", "64,64,128,128"]))
+    assert (wide.ch, wide.ch_mult, wide.num_res_blocks) == (64, (1, 1, 2, 2), 1)
+    # a file of it is an SD VAE like any other: detection reads the levels back from the shapes
+    shapes = {
+        f"{detect.VAE_PREFIX}{k}": tuple(v.shape)
+        for k, v in AutoencoderKL(wide).state_dict().items()
+    }
+    found = detect.detect_vae_config(shapes)
+    assert (found.ch, found.ch_mult, found.norm_groups) == (64, (1, 1, 2, 2), 32)
+    for bad, why in (
+        ("48,64,128,128", "multiples of 32"),  # a GroupNorm group would split a channel
+        ("64,96,128,128", "multiples of the first"),
+        ("32,64,128", "4 levels"),
+        ("32,sixty-four,128,128", "invalid literal"),
+    ):
+        with pytest.raises(SystemExit, match=why):
+            train_demo._vae_config(train_demo._parse(["--ae-channels", bad]))
+
+    # a workdir whose autoencoder has other channels is refused, not resumed into an error
+    torch.save(
+        {"model": AutoencoderKL(ae_mod.DEMO_VAE_CONFIG).state_dict()}, tmp_path / "ae_state.pt"
+    )
+    narrow_args = train_demo._parse([])
+    train_demo._check_ae_channels(narrow_args, tmp_path, ae_mod.DEMO_VAE_CONFIG)  # the same: fine
+    wide_args = train_demo._parse(["--ae-channels", "64,64,128,128"])
+    with pytest.raises(SystemExit, match="other channels than --ae-channels 64,64,128,128"):
+        train_demo._check_ae_channels(wide_args, tmp_path, wide)

@@ -15,8 +15,8 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,27 @@ log = logging.getLogger(__name__)
 # 32-64-128-128 channels: the first run's 32-64 one drew small shapes too vaguely for the judge
 # (87% shape on reconstructions); 128 channels at the 16x16 and 8x8 levels cost 1.4x the time.
 DEMO_VAE_CONFIG = VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, scale_factor=1.0)
+
+
+def vae_config_for_channels(channels: Sequence[int]) -> VAEConfig:
+    """The demo autoencoder with `channels` channels at its four levels (64, 32, 16 and 8 pixels).
+
+    Each count must be a multiple of the 32 GroupNorm groups every SD VAE has (the groups are
+    not stored in a checkpoint, so a file with other groups would load wrongly elsewhere) and of
+    the first count (SD's layout gives the levels as multiples of `ch`). At 32 channels each
+    group holds one channel, so the norm erases a flat region's level: a flat background's
+    colour has to reach the output through spatial patterns instead.
+    """
+    channels = tuple(int(c) for c in channels)
+    if len(channels) != 4:
+        raise ValueError(f"the demo autoencoder has 4 levels (f = 8), got {len(channels)} counts")
+    groups = DEMO_VAE_CONFIG.norm_groups
+    if any(c <= 0 or c % groups for c in channels):
+        raise ValueError(f"channel counts must be positive multiples of {groups}: {channels}")
+    if any(c % channels[0] for c in channels):
+        raise ValueError(f"channel counts must be multiples of the first: {channels}")
+    ch = channels[0]
+    return replace(DEMO_VAE_CONFIG, ch=ch, ch_mult=tuple(c // ch for c in channels))
 
 
 def cpu_has_fast_bf16() -> bool:

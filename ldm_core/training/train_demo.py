@@ -86,6 +86,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(unnamed attributes keep their defaults, then all are scaled to sum to 1)",
     )
     p.add_argument("--ae-batch", type=int, default=16)
+    p.add_argument(
+        "--ae-channels",
+        default="32,64,128,128",
+        metavar="C,C,C,C",
+        help="the autoencoder's channels at its 64, 32, 16 and 8 pixel levels (multiples of 32, "
+        "the GroupNorm groups; at 32 a group is one channel)",
+    )
     p.add_argument("--ldm-batch", type=int, default=64)
     p.add_argument(
         "--ldm-procs",
@@ -267,9 +274,32 @@ def _load_judge():
         return None
 
 
+def _vae_config(args):
+    try:
+        return ae_mod.vae_config_for_channels(args.ae_channels.split(","))
+    except ValueError as exc:  # int() of a bad count, or counts the layout cannot take
+        raise SystemExit(f"--ae-channels {args.ae_channels}: {exc}") from exc
+
+
+def _check_ae_channels(args, workdir: Path, vae_config) -> None:
+    """Refuse to resume an autoencoder checkpoint made with other `--ae-channels`."""
+    want = {k: v.shape for k, v in ae_mod.AutoencoderKL(vae_config).state_dict().items()}
+    for name in ("ae_final.pt", "ae_state.pt"):
+        path = workdir / name
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            if {k: v.shape for k, v in state.items()} != want:
+                raise SystemExit(
+                    f"{path} is an autoencoder of other channels than --ae-channels "
+                    f"{args.ae_channels}: use another --workdir or --no-resume"
+                )
+
+
 def stage_autoencoder(args, workdir: Path):
     final = workdir / "ae_final.pt"
-    vae_config = ae_mod.DEMO_VAE_CONFIG
+    vae_config = _vae_config(args)
+    if not args.no_resume:
+        _check_ae_channels(args, workdir, vae_config)
     if final.exists() and not args.no_resume:
         state = torch.load(final, map_location="cpu", weights_only=True)
         ae = ae_mod.AutoencoderKL(vae_config)
