@@ -1126,3 +1126,45 @@ def test_ae_channels_set_the_autoencoders_levels_and_a_workdir_of_others_is_refu
     wide_args = train_demo._parse(["--ae-channels", "64,64,128,128"])
     with pytest.raises(SystemExit, match="other channels than --ae-channels 64,64,128,128"):
         train_demo._check_ae_channels(wide_args, tmp_path, wide)
+
+
+def test_ae_lowres_steps_train_the_first_steps_on_renders_downscaled_2x(monkeypatch, tmp_path):
+    import torch.nn.functional as F
+
+    from ldm_core.training import train_demo
+
+    cfg = ae_mod.AETrainConfig(batch_size=2, lowres_steps=2, seed=3, bf16=False, threads=1)
+    late = ae_mod.training_images(cfg, 2)
+    assert late.shape == (2, 3, 64, 64) and torch.equal(late, ae_mod.world_batch(3, 2, 2).images)
+    early = ae_mod.training_images(cfg, 1)  # the same scenes, averaged over 2x2 pixels
+    assert early.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(early, F.avg_pool2d(ae_mod.world_batch(3, 1, 2).images, 2))
+
+    seen = []
+    loss = ae_mod.autoencoder_loss
+
+    def recording_loss(ae, images, *args, **kwargs):
+        seen.append(tuple(images.shape[-2:]))
+        return loss(ae, images, *args, **kwargs)
+
+    monkeypatch.setattr(ae_mod, "autoencoder_loss", recording_loss)
+    ae = ae_mod.train_autoencoder(tmp_path, replace(cfg, max_steps=4), TINY_VAE, resume=False)
+    assert seen == [(32, 32), (32, 32), (64, 64), (64, 64)]  # the run crosses the switch
+    out = ae.decode(ae.encode(late))  # and the autoencoder still works at 64x64
+    assert out.shape == late.shape and torch.isfinite(out).all()
+
+    # the recipe: --ae-lowres-steps reaches the first stage's config; a negative count is refused
+    class Stop(Exception):
+        pass
+
+    def capture(workdir, cfg, *args, **kwargs):
+        seen.append(cfg.lowres_steps)
+        raise Stop
+
+    monkeypatch.setattr(ae_mod, "train_autoencoder", capture)
+    recipe = tmp_path / "recipe"  # a workdir of its own: tmp_path holds the tiny run's state
+    with pytest.raises(Stop):
+        train_demo.stage_autoencoder(train_demo._parse(["--ae-lowres-steps", "1000"]), recipe)
+    assert seen[-1] == 1000
+    with pytest.raises(SystemExit, match="--ae-lowres-steps must be >= 0"):
+        train_demo.stage_autoencoder(train_demo._parse(["--ae-lowres-steps", "-1"]), recipe)

@@ -94,6 +94,9 @@ class AETrainConfig:
     bf16: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     threads: int = 2
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
+    # the first this many steps train on renders downscaled 2x (`training_images`): the loss's
+    # plateau ends after about 550 of them at 32x32 pixels against about 1,000 at 64x64
+    lowres_steps: int = 0
 
 
 def time_cosine_lr(
@@ -207,6 +210,22 @@ class StopFlag:
 
     def _set(self, signum, frame) -> None:
         self.stop = True
+
+
+def training_images(cfg: AETrainConfig, step: int) -> torch.Tensor:
+    """Step `step`'s batch of renders [B, 3, H, W]; downscaled 2x while `step < cfg.lowres_steps`.
+
+    The autoencoder is convolutional, so it trains on 32x32 renders (4x4 latents) as on 64x64
+    ones, at about a third of the time a step. Measured (seed 0, batch 16, lr 2e-3): at 64x64
+    the weighted L1 sits at 0.45-0.54 for about 1,000 steps (8 minutes) before it falls, 0.196
+    at 10.2 minutes; with the first 1,000 steps at 32x32 (2.7 minutes; its plateau ended after
+    about 550) it was 0.163 at 64x64 by 3.9 minutes. A flat region's colour reaching the output
+    through norms of one channel a group (`vae_config_for_channels`) is what the plateau waits for.
+    """
+    images = world_batch(cfg.seed, step, cfg.batch_size).images
+    if step < cfg.lowres_steps:
+        images = F.avg_pool2d(images, 2)
+    return images
 
 
 def world_batch(seed: int, step: int, batch_size: int) -> world.WorldBatch:
@@ -398,7 +417,7 @@ def train_autoencoder(
         lr = time_cosine_lr(cfg.lr, step, elapsed / budget, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        images = world_batch(cfg.seed, step, cfg.batch_size).images
+        images = training_images(cfg, step)
         loss, parts = autoencoder_loss(ae, images, cfg, generator, features)
         opt.zero_grad(set_to_none=True)
         loss.backward()
