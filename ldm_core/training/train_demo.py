@@ -305,6 +305,8 @@ def _check_ae_channels(args, workdir: Path, vae_config) -> None:
 
 
 def stage_autoencoder(args, workdir: Path):
+    if args.ae_lowres_steps < 0:
+        raise SystemExit(f"--ae-lowres-steps must be >= 0, not {args.ae_lowres_steps}")
     final = workdir / "ae_final.pt"
     vae_config = _vae_config(args)
     if not args.no_resume:
@@ -324,8 +326,6 @@ def stage_autoencoder(args, workdir: Path):
         batch_size=args.ae_batch,
         lowres_steps=args.ae_lowres_steps,
     )
-    if args.ae_lowres_steps < 0:
-        raise SystemExit(f"--ae-lowres-steps must be >= 0, not {args.ae_lowres_steps}")
     t0 = time.monotonic()
     ae = ae_mod.train_autoencoder(workdir, cfg, vae_config, resume=not args.no_resume)
     scale_factor = ae_mod.latent_scale_factor(ae)
