@@ -139,3 +139,25 @@ def test_inpaint_draws_in_the_masked_region_and_keeps_the_rest(demo):
         outside = np.ones((64, 64), bool)
         outside[:32, :32] = False
         assert (out[outside] == np.array(WHITE)).all(), "unmasked pixels must not change"
+
+
+def test_latent_colours_measures_each_pairs_distance_in_the_files_scaled_latents(demo, capsys):
+    """bench/latent_colours.py: the distance of one scene pair is its two latents' L2 distance."""
+    from bench import latent_colours
+
+    ckpt, _ = demo
+    result = latent_colours.main([str(DEMO), "--scenes", "1"])[str(DEMO)]
+    assert result["scale_factor"] == pytest.approx(ckpt.scale_factor)
+    # scene 0 of every pair: a circle at the first position on the first background left over
+    position = world.POSITION_NAMES[0]
+    images = [
+        world.render(world.Scene((world.SceneObject("circle", c, "small", position),), "black"))
+        for c in ("orange", "yellow")
+    ]
+    with torch.no_grad():
+        z = ckpt.vae.encode(world.images_to_tensor(images)) * ckpt.scale_factor
+    assert result["small"]["orange-yellow"] == pytest.approx(float((z[0] - z[1]).norm()), rel=1e-4)
+    # a large object covers more latent cells than a small one, so its colour moves them further
+    for pair, small in result["small"].items():
+        assert 0 < small < result["large"][pair], pair
+    assert "orange-yellow" in capsys.readouterr().out
