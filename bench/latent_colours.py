@@ -2,7 +2,8 @@
 
     venv/bin/python bench/latent_colours.py FILE [FILE ...]
 
-For each pair of colours the demo model confuses most (orange and yellow, orange and red, ...),
+For each pair of colours the demo model confuses most (orange and yellow, orange and red, ...;
+`ldm_core.training.autoencoder.latent_colour_distances`, which the recipe logs after its gate),
 renders 24 scenes (`--scenes`) twice, identical but for the main object's colour (four shapes, nine
 positions, three backgrounds other than the pair), encodes both with the file's autoencoder
 (posterior mean times the file's scale factor, the latents its UNet was trained on) and prints
@@ -22,43 +23,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PAIRS = (
-    ("orange", "yellow"),
-    ("orange", "red"),
-    ("yellow", "white"),
-    ("blue", "purple"),
-    ("green", "blue"),
-    ("red", "purple"),
-)
-BACKGROUNDS = ("black", "green", "white", "blue", "red")
 SCENES = 24
 
 
-@torch.no_grad()
 def colour_distances(path: str, scenes: int = SCENES) -> tuple[float, dict[str, dict[str, float]]]:
     """(scale factor, {size: {"a-b": mean scaled-latent distance over `scenes`}}) of one file."""
     from ldm_core.loader import load_checkpoint
-    from ldm_core.training import world
+    from ldm_core.training.autoencoder import latent_colour_distances
 
     ckpt = load_checkpoint(path, device="cpu", dtype=torch.float32)
-    vae = ckpt.vae.eval()
-    out: dict[str, dict[str, float]] = {}
-    for size in world.SIZES:
-        row = {}
-        for a, b in PAIRS:
-            backgrounds = [c for c in BACKGROUNDS if c not in (a, b)][:3]
-            images = []
-            for i in range(scenes):
-                shape = world.SHAPES[i % len(world.SHAPES)]
-                position = world.POSITION_NAMES[i % len(world.POSITION_NAMES)]
-                background = backgrounds[i % len(backgrounds)]
-                for colour in (a, b):
-                    obj = world.SceneObject(shape, colour, size, position)
-                    images.append(world.render(world.Scene((obj,), background)))
-            z = vae.encode(world.images_to_tensor(images)) * ckpt.scale_factor
-            row[f"{a}-{b}"] = float((z[0::2] - z[1::2]).flatten(1).norm(dim=1).mean())
-        out[size] = row
-    return ckpt.scale_factor, out
+    return ckpt.scale_factor, latent_colour_distances(ckpt.vae.eval(), ckpt.scale_factor, scenes)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -1168,3 +1169,24 @@ def test_ae_lowres_steps_train_the_first_steps_on_renders_downscaled_2x(monkeypa
     assert seen[-1] == 1000
     with pytest.raises(SystemExit, match="--ae-lowres-steps must be >= 0"):
         train_demo.stage_autoencoder(train_demo._parse(["--ae-lowres-steps", "-1"]), recipe)
+
+
+def test_recipe_logs_how_far_apart_its_latents_put_neighbouring_colours(caplog):
+    from ldm_core.training import train_demo
+
+    ae = ae_mod.AutoencoderKL(TINY_VAE).eval()
+    with caplog.at_level(logging.INFO, logger="ldm_core.training.train_demo"):
+        distances = train_demo.log_latent_colours(ae, 0.5)
+    pairs = [f"{a}-{b}" for a, b in ae_mod.NEIGHBOUR_COLOURS]
+    assert list(distances) == list(world.SIZES) and all(
+        list(r) == pairs for r in distances.values()
+    )
+    # the scale factor scales every distance, and a different colour moves the latents
+    twice = ae_mod.latent_colour_distances(ae, 1.0, scenes=2)
+    half = ae_mod.latent_colour_distances(ae, 0.5, scenes=2)
+    for size in world.SIZES:
+        for pair in pairs:
+            assert twice[size][pair] == pytest.approx(2 * half[size][pair], rel=1e-5)
+            assert distances[size][pair] > 0
+    lines = [r.getMessage() for r in caplog.records if "latent colour distances" in r.getMessage()]
+    assert len(lines) == 2 and "small objects: orange-yellow" in lines[0]

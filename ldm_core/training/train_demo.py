@@ -450,6 +450,19 @@ def stage_balance(args, ae, scale_factor: float) -> float:
     return scale_factor
 
 
+def log_latent_colours(ae, scale_factor: float) -> dict[str, dict[str, float]]:
+    """Log how far apart the latents the UNet will learn from put neighbouring colours: the
+    gate measures reconstruction, which a UNet can still draw colour badly from (r113)."""
+    distances = ae_mod.latent_colour_distances(ae, scale_factor)
+    for size, row in distances.items():
+        log.info(
+            "latent colour distances, %s objects: %s",
+            size,
+            ", ".join(f"{pair} {d:.2f}" for pair, d in row.items()),
+        )
+    return distances
+
+
 def continue_from(args, workdir: Path, t0: float) -> int:
     """More training for an exported demo file: its decoder fine-tuned again with the perceptual
     term and gated (stages 3 and 4, `--decoder-minutes`; the encoder stays frozen, so the file's
@@ -534,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     gate = stage_gate(args, workdir, ae)
     log.info("stage gate done at %.1f min", (time.monotonic() - t0) / 60)
     scale_factor = stage_balance(args, ae, scale_factor)
+    log_latent_colours(ae, scale_factor)
 
     # Imported here so the recipe can be resumed with an updated second stage.
     from ldm_core.training import ldm as ldm_mod
