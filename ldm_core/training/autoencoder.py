@@ -577,8 +577,8 @@ def latent_colour_distances(
     Scene i of a pair: shape i mod 4, position i mod 9, the i mod 3-th of the backgrounds black,
     green, white, blue, red that is neither colour. The latents (posterior mean x `scale_factor`)
     have about unit spread, so a smaller distance asks the UNet to place a sample more precisely to
-    draw the right hue: r113's autoencoder, the best reconstructing yet, put neighbours 15-35%
-    closer than the shipped file's and its UNet drew colour worse.
+    draw the right hue: r113's autoencoder, the best reconstructing yet, put most neighbours 8-35%
+    closer than the shipped file's, and its UNet drew colour worse.
     """
     out: dict[str, dict[str, float]] = {}
     for size in world.SIZES:
