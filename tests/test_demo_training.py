@@ -1190,3 +1190,97 @@ def test_recipe_logs_how_far_apart_its_latents_put_neighbouring_colours(caplog):
             assert distances[size][pair] > 0
     lines = [r.getMessage() for r in caplog.records if "latent colour distances" in r.getMessage()]
     assert len(lines) == 2 and "small objects: orange-yellow" in lines[0]
+
+
+def test_colour_twins_change_only_the_main_objects_colour_to_a_neighbour():
+    partners = {}
+    for a, b in ae_mod.NEIGHBOUR_COLOURS:
+        partners.setdefault(a, set()).add(b)
+        partners.setdefault(b, set()).add(a)
+    scenes = world.SceneStream(5).batch(48).scenes
+    indices, twins = ae_mod.colour_twins(scenes, step=3)
+    assert twins.shape == (len(indices), 3, 64, 64) and len(indices) > 30
+    skipped = [s for i, s in enumerate(scenes) if i not in indices]
+    for s in skipped:  # black has no neighbour; nor has a colour whose only one is the background
+        assert not partners.get(s.main.colour, set()) - {s.background}
+    originals = world.images_to_tensor([world.render(scenes[i]) for i in indices])
+    for k, i in enumerate(indices):
+        scene = scenes[i]
+        inside = torch.from_numpy(world.object_mask(scene.main) > 0)
+        changed = (twins[k] - originals[k]).abs().amax(dim=0) > 0
+        assert changed.any() and not (changed & ~inside).any()  # only the main object's pixels
+        core = torch.from_numpy(world.object_mask(scene.main) > 0.99)
+        pixel = twins[k][:, core].mean(dim=1)  # which colour it now is: the nearest named one
+        named = {
+            c: torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1
+            for c, rgb in world.COLOURS.items()
+        }
+        nearest = min(named, key=lambda c: float((named[c] - pixel).norm()))
+        assert nearest in partners[scene.main.colour] and nearest != scene.background
+    # the partner of a colour with two neighbours depends on the step: both get used
+    _, other = ae_mod.colour_twins(scenes, step=4)
+    assert not torch.equal(other, twins)
+
+
+def test_colour_separation_is_a_hinge_on_distances_in_units_of_the_latents_spread():
+    mean = torch.randn(6, 4, 8, 8)
+    twin = mean[[0, 2]].clone()
+    twin[0] += 0.1  # near its scene: inside the margin
+    twin[1] += 5.0  # far: outside it
+    loss, d = ae_mod.colour_separation(mean, twin, [0, 2], margin=2.0)
+    spread = mean.std()
+    expected = torch.stack([(0.1 * 16) / spread, (5.0 * 16) / spread])  # ||c * 1_256|| = 16c
+    torch.testing.assert_close(d, expected)
+    torch.testing.assert_close(loss, torch.relu(2.0 - expected).mean())
+    # scaling every latent up does not meet it: the distances are in units of the spread
+    loss_x10, d_x10 = ae_mod.colour_separation(10 * mean, 10 * twin, [0, 2], margin=2.0)
+    torch.testing.assert_close(d_x10, d)
+    torch.testing.assert_close(loss_x10, loss)
+    # and its gradient reaches the twins' means, not the spread (held fixed)
+    mean.requires_grad_(True)
+    ae_mod.colour_separation(mean, twin, [0, 2], margin=2.0)[0].backward()
+    assert mean.grad[[1, 3, 4, 5]].abs().sum() == 0 and mean.grad[0].abs().sum() > 0
+
+
+def test_ae_colour_weight_trains_neighbouring_colours_latents_apart(monkeypatch, tmp_path, caplog):
+    from ldm_core.training import train_demo
+
+    def distances(ae) -> float:
+        scale = ae_mod.latent_scale_factor(ae, num_images=128)
+        rows = ae_mod.latent_colour_distances(ae, scale, scenes=2)
+        return float(np.mean([d for row in rows.values() for d in row.values()]))
+
+    base = ae_mod.AETrainConfig(batch_size=8, seed=4, bf16=False, threads=1, max_steps=10)
+    base = replace(base, minutes=10.0, lr=2e-3, warmup_steps=5, log_every=10)
+    plain = ae_mod.train_autoencoder(tmp_path / "plain", base, TINY_VAE, resume=False)
+    with caplog.at_level(logging.INFO, logger="ldm_core.training.autoencoder"):
+        pushed = ae_mod.train_autoencoder(
+            tmp_path / "pushed",
+            replace(base, colour_weight=1.0, colour_margin=20.0),
+            TINY_VAE,
+            resume=False,
+        )
+    assert distances(pushed) > 1.5 * distances(plain)
+    assert any("sep=" in r.getMessage() and "cdist=" in r.getMessage() for r in caplog.records)
+
+    # the recipe: --ae-colour-weight and --ae-colour-margin reach stages 1 and 2; bad values refused
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(workdir, cfg, *args, **kwargs):
+        seen.append((cfg.colour_weight, cfg.colour_margin))
+        raise Stop
+
+    monkeypatch.setattr(ae_mod, "train_autoencoder", capture)
+    args = train_demo._parse(["--ae-colour-weight", "0.3", "--ae-colour-margin", "2.5"])
+    with pytest.raises(Stop):
+        train_demo.stage_autoencoder(args, tmp_path / "recipe")
+    with pytest.raises(Stop):
+        train_demo.stage_ae_restart(args, tmp_path / "recipe", pushed, 1.0)
+    assert seen == [(0.3, 2.5), (0.3, 2.5)]
+    assert train_demo._parse([]).ae_colour_weight == 0.0  # off by default
+    for bad in (["--ae-colour-weight", "-1"], ["--ae-colour-margin", "0"]):
+        with pytest.raises(SystemExit, match="--ae-colour-weight must be >= 0"):
+            train_demo.stage_autoencoder(train_demo._parse(bad), tmp_path / "recipe")

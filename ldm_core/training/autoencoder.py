@@ -97,6 +97,14 @@ class AETrainConfig:
     # the first this many steps train on renders downscaled 2x (`training_images`): the loss's
     # plateau ends after about 550 of them at 32x32 pixels against about 1,000 at 64x64
     lowres_steps: int = 0
+    # weight of the colour-separation term (`colour_separation`): the first half of each batch is
+    # rendered again with the main object in a neighbouring colour (`colour_twins`), and twins
+    # whose posterior means lie closer than `colour_margin` (in units of the batch's latent spread,
+    # as the scale factor will measure them) are pushed apart; 0 leaves it out. Measured (r114,
+    # weight 0.3): neighbours 2-5x further apart than in the shipped file, the UNet's colour no
+    # better than without it, shapes reconstructed worse (docs/demo-model.md)
+    colour_weight: float = 0.0
+    colour_margin: float = 2.0
 
 
 def time_cosine_lr(
@@ -228,6 +236,51 @@ def training_images(cfg: AETrainConfig, step: int) -> torch.Tensor:
     return images
 
 
+def colour_twins(scenes: Sequence[world.Scene], step: int) -> tuple[list[int], torch.Tensor]:
+    """For each scene whose main object has a neighbour in `NEIGHBOUR_COLOURS` other than the
+    background: its index and a render of it with the main object in that colour (the partner,
+    when a colour has several, chosen by `step` and the index). Returns (indices, images
+    [N, 3, 64, 64])."""
+    partners: dict[str, list[str]] = {}
+    for a, b in NEIGHBOUR_COLOURS:
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
+    indices, images = [], []
+    for i, scene in enumerate(scenes):
+        options = [c for c in partners.get(scene.main.colour, ()) if c != scene.background]
+        if not options:
+            continue
+        twin = replace(scene.main, colour=options[(step + i) % len(options)])
+        indices.append(i)
+        images.append(world.render(world.Scene((twin, *scene.objects[1:]), scene.background)))
+    if not images:
+        return [], torch.zeros(0, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
+    return indices, world.images_to_tensor(images)
+
+
+def colour_separation(
+    mean: torch.Tensor, twin_mean: torch.Tensor, indices: Sequence[int], margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge loss mean(relu(margin - d)) and the distances d [N]: d is the L2 distance between
+    the posterior means of each scene `mean[indices]` and its colour twin `twin_mean`, divided by
+    the batch's spread of posterior means (held fixed, as the scale factor 1 / std will be), so
+    the encoder cannot meet it by scaling every latent up: only by giving colour more of the
+    spread."""
+    spread = mean.detach().std().clamp_min(1e-6)
+    d = (mean[list(indices)] - twin_mean).flatten(1).norm(dim=1) / spread
+    return F.relu(margin - d).mean(), d
+
+
+def training_twins(cfg: AETrainConfig, step: int) -> tuple[list[int], torch.Tensor]:
+    """`colour_twins` of the first half of step `step`'s batch (`training_images`' scenes),
+    downscaled as they are."""
+    scenes = world_batch(cfg.seed, step, cfg.batch_size).scenes[: max(1, cfg.batch_size // 2)]
+    indices, images = colour_twins(scenes, step)
+    if step < cfg.lowres_steps and len(images):
+        images = F.avg_pool2d(images, 2)
+    return indices, images
+
+
 def world_batch(seed: int, step: int, batch_size: int) -> world.WorldBatch:
     """The batch for one training step: a function of (seed, step) only, so resuming is exact."""
     return world.SceneStream(seed * 1_000_003 + step).batch(batch_size)
@@ -283,14 +336,18 @@ def autoencoder_loss(
     cfg: AETrainConfig,
     generator: torch.Generator | None = None,
     features: nn.Module | None = None,
+    twins: tuple[Sequence[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 + low-res L1) + KL of a posterior draw. images [B, 3, H, W].
 
     Pixels that differ from the background (the top-left pixel: no object reaches a corner)
     weigh `foreground_weight` times more, so the few object pixels the judge reads are not
     drowned by the background. With `features` (and `cfg.perceptual_weight`), the distance of
-    their activations (`feature_distance`) is added.
+    their activations (`feature_distance`) is added. With `twins` (`training_twins`) and
+    `cfg.colour_weight`, the colour-separation hinge (`colour_separation`).
     """
+    use_twins = twins is not None and len(twins[0]) > 0 and cfg.colour_weight > 0
+    use_twins = use_twins and not cfg.decoder_only
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         if cfg.decoder_only:  # frozen encoder: decode the posterior mean, as the LDM's samples are
             with torch.no_grad():
@@ -301,6 +358,7 @@ def autoencoder_loss(
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * noise
         recon = ae.decode(z)
+        twin_mean = ae.encode_moments(twins[1])[0] if use_twins else None
     recon = recon.float()
     mean, logvar = mean.float(), logvar.float()
     background = images[:, :, :1, :1]  # [B, 3, 1, 1]
@@ -325,6 +383,11 @@ def autoencoder_loss(
         perceptual = feature_distance(features, recon, images)
         loss = loss + cfg.perceptual_weight * perceptual
         parts["perc"] = perceptual.item()
+    if use_twins:
+        sep, d = colour_separation(mean, twin_mean.float(), twins[0], cfg.colour_margin)
+        loss = loss + cfg.colour_weight * sep
+        parts["sep"] = sep.item()
+        parts["cdist"] = d.detach().mean().item()
     return loss, parts
 
 
@@ -418,7 +481,8 @@ def train_autoencoder(
         for group in opt.param_groups:
             group["lr"] = lr
         images = training_images(cfg, step)
-        loss, parts = autoencoder_loss(ae, images, cfg, generator, features)
+        twins = training_twins(cfg, step) if cfg.colour_weight > 0 else None
+        loss, parts = autoencoder_loss(ae, images, cfg, generator, features, twins)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)

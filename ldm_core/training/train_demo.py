@@ -96,6 +96,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "against 1,000 at 64x64); 0: all at 64x64",
     )
     p.add_argument(
+        "--ae-colour-weight",
+        type=float,
+        default=0.0,
+        help="stages 1 and 2: weight of the colour-separation term, which pushes apart the "
+        "latents of renders that differ only in the main object's neighbouring colour "
+        "(orange/yellow, blue/purple, ...) when closer than --ae-colour-margin; 0: off",
+    )
+    p.add_argument(
+        "--ae-colour-margin",
+        type=float,
+        default=2.0,
+        help="the distance, in units of the latents' spread, below which colour twins are pushed apart",
+    )
+    p.add_argument(
         "--ae-channels",
         default="32,64,128,128",
         metavar="C,C,C,C",
@@ -307,6 +321,8 @@ def _check_ae_channels(args, workdir: Path, vae_config) -> None:
 def stage_autoencoder(args, workdir: Path):
     if args.ae_lowres_steps < 0:
         raise SystemExit(f"--ae-lowres-steps must be >= 0, not {args.ae_lowres_steps}")
+    if args.ae_colour_weight < 0 or args.ae_colour_margin <= 0:
+        raise SystemExit("--ae-colour-weight must be >= 0 and --ae-colour-margin > 0")
     final = workdir / "ae_final.pt"
     vae_config = _vae_config(args)
     if not args.no_resume:
@@ -325,6 +341,8 @@ def stage_autoencoder(args, workdir: Path):
         threads=args.threads,
         batch_size=args.ae_batch,
         lowres_steps=args.ae_lowres_steps,
+        colour_weight=args.ae_colour_weight,
+        colour_margin=args.ae_colour_margin,
     )
     t0 = time.monotonic()
     ae = ae_mod.train_autoencoder(workdir, cfg, vae_config, resume=not args.no_resume)
@@ -359,6 +377,8 @@ def stage_ae_restart(args, workdir: Path, ae, scale_factor: float):
         batch_size=args.ae_batch,
         lr=1e-3,
         warmup_steps=20,
+        colour_weight=args.ae_colour_weight,
+        colour_margin=args.ae_colour_margin,
     )
     ae = ae_mod.train_autoencoder(
         workdir,
