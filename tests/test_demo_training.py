@@ -1135,9 +1135,10 @@ def test_ae_lowres_steps_train_the_first_steps_on_renders_downscaled_2x(monkeypa
     from ldm_core.training import train_demo
 
     cfg = ae_mod.AETrainConfig(batch_size=2, lowres_steps=2, seed=3, bf16=False, threads=1)
-    late = ae_mod.training_images(cfg, 2)
+    late, no_twins = ae_mod.training_batch(cfg, 2)
+    assert no_twins is None  # the colour term is off
     assert late.shape == (2, 3, 64, 64) and torch.equal(late, ae_mod.world_batch(3, 2, 2).images)
-    early = ae_mod.training_images(cfg, 1)  # the same scenes, averaged over 2x2 pixels
+    early, _ = ae_mod.training_batch(cfg, 1)  # the same scenes, averaged over 2x2 pixels
     assert early.shape == (2, 3, 32, 32)
     torch.testing.assert_close(early, F.avg_pool2d(ae_mod.world_batch(3, 1, 2).images, 2))
 
@@ -1261,6 +1262,13 @@ def test_ae_colour_weight_trains_neighbouring_colours_latents_apart(monkeypatch,
             resume=False,
         )
     assert distances(pushed) > 1.5 * distances(plain)
+    # a step's twins are those of its batch's first half, downscaled with it on the 32x32 steps
+    low = replace(base, colour_weight=1.0, lowres_steps=1)
+    images, (indices, twins) = ae_mod.training_batch(low, 0)
+    want_indices, want = ae_mod.colour_twins(ae_mod.world_batch(4, 0, 8).scenes[:4], 0)
+    assert images.shape[-1] == 32 and indices == want_indices and max(indices) < 4
+    torch.testing.assert_close(twins, torch.nn.functional.avg_pool2d(want, 2))
+    assert ae_mod.training_batch(low, 1)[1][1].shape[-1] == 64
     assert any("sep=" in r.getMessage() and "cdist=" in r.getMessage() for r in caplog.records)
 
     # the recipe: --ae-colour-weight and --ae-colour-margin reach stages 1 and 2; bad values refused

@@ -94,7 +94,7 @@ class AETrainConfig:
     bf16: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     threads: int = 2
     max_steps: int | None = None  # tests: stop after this many steps whatever the time
-    # the first this many steps train on renders downscaled 2x (`training_images`): the loss's
+    # the first this many steps train on renders downscaled 2x (`training_batch`): the loss's
     # plateau ends after about 550 of them at 32x32 pixels against about 1,000 at 64x64
     lowres_steps: int = 0
     # weight of the colour-separation term (`colour_separation`): the first half of each batch is
@@ -220,8 +220,12 @@ class StopFlag:
         self.stop = True
 
 
-def training_images(cfg: AETrainConfig, step: int) -> torch.Tensor:
-    """Step `step`'s batch of renders [B, 3, H, W]; downscaled 2x while `step < cfg.lowres_steps`.
+Twins = tuple[list[int], torch.Tensor]  # (indices into the batch, renders [N, 3, H, W])
+
+
+def training_batch(cfg: AETrainConfig, step: int) -> tuple[torch.Tensor, Twins | None]:
+    """Step `step`'s renders [B, 3, H, W] and, with `cfg.colour_weight`, the `colour_twins` of
+    its first half (else None); all downscaled 2x while `step < cfg.lowres_steps`.
 
     The autoencoder is convolutional, so it trains on 32x32 renders (4x4 latents) as on 64x64
     ones, at about a third of the time a step. Measured (seed 0, batch 16, lr 2e-3): at 64x64
@@ -230,24 +234,41 @@ def training_images(cfg: AETrainConfig, step: int) -> torch.Tensor:
     about 550) it was 0.163 at 64x64 by 3.9 minutes. A flat region's colour reaching the output
     through norms of one channel a group (`vae_config_for_channels`) is what the plateau waits for.
     """
-    images = world_batch(cfg.seed, step, cfg.batch_size).images
+    batch = world_batch(cfg.seed, step, cfg.batch_size)
+    images, twins = batch.images, None
+    if cfg.colour_weight > 0:
+        twins = colour_twins(batch.scenes[: max(1, cfg.batch_size // 2)], step)
     if step < cfg.lowres_steps:
         images = F.avg_pool2d(images, 2)
-    return images
+        if twins is not None and len(twins[0]):
+            twins = (twins[0], F.avg_pool2d(twins[1], 2))
+    return images, twins
 
 
-def colour_twins(scenes: Sequence[world.Scene], step: int) -> tuple[list[int], torch.Tensor]:
+# The colour pairs the 90-minute runs' UNets confuse most (docs/demo-model.md).
+NEIGHBOUR_COLOURS = (
+    ("orange", "yellow"),
+    ("orange", "red"),
+    ("yellow", "white"),
+    ("blue", "purple"),
+    ("green", "blue"),
+    ("red", "purple"),
+)
+# each colour's neighbours in those pairs, in their order
+COLOUR_PARTNERS: dict[str, tuple[str, ...]] = {
+    c: tuple(b if a == c else a for a, b in NEIGHBOUR_COLOURS if c in (a, b))
+    for c in dict.fromkeys(c for pair in NEIGHBOUR_COLOURS for c in pair)
+}
+
+
+def colour_twins(scenes: Sequence[world.Scene], step: int) -> Twins:
     """For each scene whose main object has a neighbour in `NEIGHBOUR_COLOURS` other than the
     background: its index and a render of it with the main object in that colour (the partner,
     when a colour has several, chosen by `step` and the index). Returns (indices, images
     [N, 3, 64, 64])."""
-    partners: dict[str, list[str]] = {}
-    for a, b in NEIGHBOUR_COLOURS:
-        partners.setdefault(a, []).append(b)
-        partners.setdefault(b, []).append(a)
     indices, images = [], []
     for i, scene in enumerate(scenes):
-        options = [c for c in partners.get(scene.main.colour, ()) if c != scene.background]
+        options = [c for c in COLOUR_PARTNERS.get(scene.main.colour, ()) if c != scene.background]
         if not options:
             continue
         twin = replace(scene.main, colour=options[(step + i) % len(options)])
@@ -269,16 +290,6 @@ def colour_separation(
     spread = mean.detach().std().clamp_min(1e-6)
     d = (mean[list(indices)] - twin_mean).flatten(1).norm(dim=1) / spread
     return F.relu(margin - d).mean(), d
-
-
-def training_twins(cfg: AETrainConfig, step: int) -> tuple[list[int], torch.Tensor]:
-    """`colour_twins` of the first half of step `step`'s batch (`training_images`' scenes),
-    downscaled as they are."""
-    scenes = world_batch(cfg.seed, step, cfg.batch_size).scenes[: max(1, cfg.batch_size // 2)]
-    indices, images = colour_twins(scenes, step)
-    if step < cfg.lowres_steps and len(images):
-        images = F.avg_pool2d(images, 2)
-    return indices, images
 
 
 def world_batch(seed: int, step: int, batch_size: int) -> world.WorldBatch:
@@ -336,14 +347,14 @@ def autoencoder_loss(
     cfg: AETrainConfig,
     generator: torch.Generator | None = None,
     features: nn.Module | None = None,
-    twins: tuple[Sequence[int], torch.Tensor] | None = None,
+    twins: Twins | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 + low-res L1) + KL of a posterior draw. images [B, 3, H, W].
 
     Pixels that differ from the background (the top-left pixel: no object reaches a corner)
     weigh `foreground_weight` times more, so the few object pixels the judge reads are not
     drowned by the background. With `features` (and `cfg.perceptual_weight`), the distance of
-    their activations (`feature_distance`) is added. With `twins` (`training_twins`) and
+    their activations (`feature_distance`) is added. With `twins` (`training_batch`) and
     `cfg.colour_weight`, the colour-separation hinge (`colour_separation`).
     """
     use_twins = twins is not None and len(twins[0]) > 0 and cfg.colour_weight > 0
@@ -480,8 +491,7 @@ def train_autoencoder(
         lr = time_cosine_lr(cfg.lr, step, elapsed / budget, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        images = training_images(cfg, step)
-        twins = training_twins(cfg, step) if cfg.colour_weight > 0 else None
+        images, twins = training_batch(cfg, step)
         loss, parts = autoencoder_loss(ae, images, cfg, generator, features, twins)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -618,17 +628,6 @@ def gate_autoencoder(
         log.info("gate %-10s renders %.4f  reconstructions %.4f", a, on_renders[a], on_recons[a])
     log.info("gate reconstruction mse %.5f -> %s", mse, "PASS" if passed else "FAIL")
     return {"renders": on_renders, "reconstructions": on_recons, "mse": mse, "passed": passed}
-
-
-# The colour pairs the 90-minute runs' UNets confuse most (docs/demo-model.md).
-NEIGHBOUR_COLOURS = (
-    ("orange", "yellow"),
-    ("orange", "red"),
-    ("yellow", "white"),
-    ("blue", "purple"),
-    ("green", "blue"),
-    ("red", "purple"),
-)
 
 
 @torch.no_grad()
