@@ -487,6 +487,32 @@ def test_text_lr_scale_reaches_both_ldm_cycles_and_bad_values_are_refused():
             train_demo._parse(argv)
 
 
+def test_recipe_90min_is_the_model_cards_command_and_flags_still_win():
+    import shlex
+
+    from ldm_core.training import train_demo
+
+    card = (Path(__file__).resolve().parents[1] / "docs" / "demo-model.md").read_text()
+    section = card[card.index("### The 90-minute recipe (r115)") :]
+    start = section.index("```bash\n") + 8
+    block = section[start : section.index("\n```", start)]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:3] == ["venv/bin/python", "-m", "ldm_core.training.train_demo"]
+    documented = vars(train_demo._parse(argv[3:]))
+    preset = vars(train_demo._parse(["--recipe", "90min", "--out", documented["out"]]))
+    preset["workdir"] = documented["workdir"]
+    assert {k: v for k, v in preset.items() if k != "recipe"} == {
+        k: v for k, v in documented.items() if k != "recipe"
+    }
+    assert set(train_demo.RECIPES["90min"]) <= set(documented)  # no key sets a flag that is not one
+    assert preset["ldm_minutes"] == 55.0 and preset["ae_colour_weight"] == 0.3
+    # the defaults are still the full recipe's, and a flag given beside a recipe wins
+    assert train_demo._parse([]).ldm_minutes == 40.0
+    assert train_demo._parse(["--recipe", "90min", "--ldm-minutes", "50"]).ldm_minutes == 50.0
+    with pytest.raises(SystemExit):
+        train_demo._parse(["--recipe", "45min"])
+
+
 def test_judge_feature_distance_is_zero_on_equal_images_and_grows_with_blur():
     features = ae_mod.perceptual_features(DEFAULT_JUDGE_PATH)
     images = world.SceneStream(5, two_object_prob=0.0).batch(8).images
