@@ -1269,7 +1269,9 @@ def test_colour_separation_is_a_hinge_on_distances_in_units_of_the_latents_sprea
     assert mean.grad[[1, 3, 4, 5]].abs().sum() == 0 and mean.grad[0].abs().sum() > 0
 
 
-def test_ae_colour_weight_trains_neighbouring_colours_latents_apart(monkeypatch, tmp_path, caplog):
+def test_ae_colour_weight_trains_neighbouring_colours_latents_apart(
+    monkeypatch, tmp_path, caplog, capsys
+):
     from ldm_core.training import train_demo
 
     def distances(ae) -> float:
@@ -1316,5 +1318,6 @@ def test_ae_colour_weight_trains_neighbouring_colours_latents_apart(monkeypatch,
     assert seen == [(0.3, 2.5), (0.3, 2.5)]
     assert train_demo._parse([]).ae_colour_weight == 0.0  # off by default
     for bad in (["--ae-colour-weight", "-1"], ["--ae-colour-margin", "0"]):
-        with pytest.raises(SystemExit, match="--ae-colour-weight must be >= 0"):
-            train_demo.stage_autoencoder(train_demo._parse(bad), tmp_path / "recipe")
+        with pytest.raises(SystemExit):
+            train_demo._parse(bad)
+        assert "--ae-colour-weight must be >= 0" in capsys.readouterr().err

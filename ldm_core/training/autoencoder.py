@@ -100,9 +100,10 @@ class AETrainConfig:
     # weight of the colour-separation term (`colour_separation`): the first half of each batch is
     # rendered again with the main object in a neighbouring colour (`colour_twins`), and twins
     # whose posterior means lie closer than `colour_margin` (in units of the batch's latent spread,
-    # as the scale factor will measure them) are pushed apart; 0 leaves it out. Measured (r114,
-    # weight 0.3): neighbours 2-5x further apart than in the shipped file, the UNet's colour no
-    # better than without it, shapes reconstructed worse (docs/demo-model.md)
+    # as the scale factor will measure them) are pushed apart; 0 leaves it out. Measured
+    # (docs/demo-model.md): on r99's 64x64 chain (r114, margin 2) it bought no colour and cost the
+    # gate; with the 32x32 start (r115, margin 1.2, `train_demo --recipe 90min`) it acts only in
+    # the 32x32 steps, undoing what they do to colour, and the run met every bar
     colour_weight: float = 0.0
     colour_margin: float = 2.0
 

@@ -272,6 +272,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.text_lr_scale < 0:
         p.error("--text-lr-scale must be >= 0")
+    if args.ae_colour_weight < 0 or args.ae_colour_margin <= 0:
+        p.error("--ae-colour-weight must be >= 0 and --ae-colour-margin > 0")
     if not 0 < args.timestep_exponent <= 1:
         p.error("--timestep-exponent must be in (0, 1]")
     if args.ldm_procs < 1 or args.ldm_batch % args.ldm_procs:
@@ -356,8 +358,6 @@ def _check_ae_channels(args, workdir: Path, vae_config) -> None:
 def stage_autoencoder(args, workdir: Path):
     if args.ae_lowres_steps < 0:
         raise SystemExit(f"--ae-lowres-steps must be >= 0, not {args.ae_lowres_steps}")
-    if args.ae_colour_weight < 0 or args.ae_colour_margin <= 0:
-        raise SystemExit("--ae-colour-weight must be >= 0 and --ae-colour-margin > 0")
     final = workdir / "ae_final.pt"
     vae_config = _vae_config(args)
     if not args.no_resume:
