@@ -7,7 +7,8 @@ made the shipped demo file in 88 minutes on 2 CPU cores.
 
 Stages (each resumes from `--workdir` when re-run with the same arguments):
   1. autoencoder   KL autoencoder on fresh world renders; latent scale factor (`--ae-minutes`)
-  2. restart       the same, warm-restarted at a lower learning rate (`--ae-restart-minutes`)
+  2. restart       the same, warm-restarted at a lower learning rate (`--ae-restart-minutes`),
+                   with the perceptual term of stage 3 if `--restart-perceptual-weight`
   3. decoder       decoder fine-tuned on posterior means, encoder frozen (`--decoder-minutes`),
                    with a perceptual term from a world classifier trained first (not the judge)
   4. gate          the judge must read reconstructions as well as renders, or the run stops
@@ -221,6 +222,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(LPIPS-style; the network is trained first, see --perceptual-steps); 0: pixels only",
     )
     p.add_argument(
+        "--restart-perceptual-weight",
+        type=float,
+        default=0.0,
+        help="stage 2 (the whole autoencoder's restart): weight of the same perceptual term; "
+        "the network is then trained before stage 2 (measured: shapes on reconstructions "
+        "99.2%% after the decoder stage against 96.0%% without it); 0: pixels only",
+    )
+    p.add_argument(
         "--perceptual-steps",
         type=int,
         default=800,
@@ -295,8 +304,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         )
     if not 0 <= args.caption_dropout < 1:
         p.error("--caption-dropout must be in [0, 1)")
-    if args.perceptual_weight < 0 or args.perceptual_steps < 1:
-        p.error("--perceptual-weight must be >= 0 and --perceptual-steps >= 1")
+    if args.perceptual_weight < 0 or args.restart_perceptual_weight < 0:
+        p.error("--perceptual-weight and --restart-perceptual-weight must be >= 0")
+    if args.perceptual_steps < 1:
+        p.error("--perceptual-steps must be >= 1")
     if args.text_steps is not None and (args.text_steps < 1 or args.text_minutes <= 0):
         p.error("--text-steps must be >= 1 and needs --text-minutes > 0 (its ceiling)")
     if args.text_target_weights is not None:
@@ -415,6 +426,8 @@ def stage_ae_restart(args, workdir: Path, ae, scale_factor: float):
         warmup_steps=20,
         colour_weight=args.ae_colour_weight,
         colour_margin=args.ae_colour_margin,
+        perceptual_weight=args.restart_perceptual_weight,
+        perceptual_net=stage_perceptual(args, workdir, args.restart_perceptual_weight),
     )
     ae = ae_mod.train_autoencoder(
         workdir,
@@ -449,9 +462,10 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     return result
 
 
-def stage_perceptual(args, workdir: Path) -> str:
-    """The decoder stage's perceptual network (`perceptual.safetensors`); "" when not used."""
-    if args.decoder_minutes <= 0 or args.perceptual_weight <= 0:
+def stage_perceptual(args, workdir: Path, weight: float) -> str:
+    """The perceptual network (`perceptual.safetensors`) of a stage whose perceptual term has
+    `weight`; "" when that is 0. Trained once: the restart and decoder stages share it."""
+    if weight <= 0:
         return ""
     path = workdir / "perceptual.safetensors"
     if path.exists() and not args.no_resume:
@@ -471,7 +485,7 @@ def stage_decoder(args, workdir: Path, ae, threads: int | None = None):
     if final.exists() and not args.no_resume:
         ae.load_state_dict(torch.load(final, map_location="cpu", weights_only=True)["model"])
         return ae
-    perceptual_net = stage_perceptual(args, workdir)
+    perceptual_net = stage_perceptual(args, workdir, args.perceptual_weight)
     cfg = ae_mod.AETrainConfig(
         minutes=args.decoder_minutes,
         seed=args.seed + 1,
