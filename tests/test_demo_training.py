@@ -1119,6 +1119,65 @@ def test_bench_optimizer_times_both_optimisers_on_every_network(capsys):
     assert capsys.readouterr().out.count("ratio loop/fused") == 3
 
 
+def test_restart_perceptual_weight_trains_the_network_first_and_the_decoder_reuses_it(
+    monkeypatch, tmp_path
+):
+    from ldm_core.training import train_demo
+
+    configs, trained = [], []
+    real_train, real_net = ae_mod.train_autoencoder, ae_mod.train_perceptual_net
+
+    def train(workdir, cfg, *a, **k):  # every stage for two steps, whatever its minutes
+        configs.append(cfg)
+        return real_train(workdir, replace(cfg, max_steps=2), *a, **k)
+
+    def net(path, steps, seed):
+        trained.append(path)
+        return real_net(path, steps, seed)
+
+    monkeypatch.setattr(ae_mod, "train_autoencoder", train)
+    monkeypatch.setattr(ae_mod, "train_perceptual_net", net)
+    common = ["--ae-channels", "32,32,32,32", "--ae-batch", "2", "--no-bf16"]
+    common += ["--perceptual-steps", "2", "--ae-restart-minutes", "1", "--decoder-minutes", "1"]
+
+    # off (the default): stage 2 is pixels only and trains no network
+    plain = tmp_path / "plain"
+    args = train_demo._parse([*common, "--workdir", str(plain)])
+    assert args.restart_perceptual_weight == 0.0
+    ae = ae_mod.AutoencoderKL(train_demo._vae_config(args))
+    train_demo.stage_ae_restart(args, plain, ae, 1.0)
+    assert (configs[-1].perceptual_weight, configs[-1].perceptual_net) == (0.0, "")
+    assert not trained and not (plain / "perceptual.safetensors").exists()
+
+    # on: the network is trained before stage 2, which uses it; stage 3 reuses the file and
+    # does not train it again, even with --no-resume
+    work = tmp_path / "work"
+    on = ["--workdir", str(work), "--restart-perceptual-weight", "3", "--no-resume"]
+    args = train_demo._parse([*common, *on])
+    ae, _ = train_demo.stage_ae_restart(args, work, ae, 1.0)
+    restart = configs[-1]
+    path = str(work / "perceptual.safetensors")
+    assert not restart.decoder_only and (restart.perceptual_weight, restart.perceptual_net) == (
+        3.0,
+        path,
+    )
+    assert [str(p) for p in trained] == [path]
+    train_demo.stage_decoder(args, work, ae)
+    decoder = configs[-1]
+    assert decoder.decoder_only and (decoder.perceptual_weight, decoder.perceptual_net) == (
+        5.0,
+        path,
+    )
+    assert len(trained) == 1
+    # the term reaches the whole autoencoder's loss, not only the decoder's
+    images = world.SceneStream(4).batch(2).images
+    features = ae_mod.perceptual_features(path)
+    _, parts = ae_mod.autoencoder_loss(ae.train(), images, restart, features=features)
+    assert parts["perc"] > 0
+    with pytest.raises(SystemExit):
+        train_demo._parse(["--restart-perceptual-weight", "-1"])
+
+
 def test_ae_channels_set_the_autoencoders_levels_and_a_workdir_of_others_is_refused(tmp_path):
     from ldm_core import detect
     from ldm_core.nn.autoencoder import AutoencoderKL

@@ -462,17 +462,21 @@ def stage_gate(args, workdir: Path, ae) -> dict | None:
     return result
 
 
+_PERCEPTUAL_TRAINED: set[Path] = set()  # this process's networks: --no-resume trains each once
+
+
 def stage_perceptual(args, workdir: Path, weight: float) -> str:
     """The perceptual network (`perceptual.safetensors`) of a stage whose perceptual term has
     `weight`; "" when that is 0. Trained once: the restart and decoder stages share it."""
     if weight <= 0:
         return ""
     path = workdir / "perceptual.safetensors"
-    if path.exists() and not args.no_resume:
+    if path in _PERCEPTUAL_TRAINED or (path.exists() and not args.no_resume):
         log.info("perceptual network: loaded %s", path)
         return str(path)
     t0 = time.monotonic()
     ae_mod.train_perceptual_net(path, args.perceptual_steps, seed=args.seed + 7)
+    _PERCEPTUAL_TRAINED.add(path)
     log.info("perceptual network: %d steps in %.1f s", args.perceptual_steps, time.monotonic() - t0)
     return str(path)
 
