@@ -333,6 +333,7 @@ def test_continue_from_a_shipped_file_can_refine_only_its_decoder(tmp_path):
     assert new.metadata["ldm.training"] == src.metadata["ldm.training"]
     recipe = json.loads(new.metadata["ldm.recipe"])
     assert recipe["perceptual_steps"] == 2 and recipe["perceptual_weight"] == 5.0
+    assert recipe["restart_perceptual_weight"] == 0.0
 
 
 def test_perceptual_network_is_trained_by_the_recipe_and_required_by_its_weight(tmp_path):

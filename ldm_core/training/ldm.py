@@ -1042,6 +1042,7 @@ def stage_export(
                 "text_",
                 "decoder_",
                 "perceptual_",
+                "restart_perceptual_",
                 "num_",
                 "latent_",
                 "seed",
