@@ -494,7 +494,7 @@ def test_recipe_90min_is_the_model_cards_command_and_flags_still_win():
     from ldm_core.training import train_demo
 
     card = (Path(__file__).resolve().parents[1] / "docs" / "demo-model.md").read_text()
-    section = card[card.index("### The 90-minute recipe (r115)") :]
+    section = card[card.index("### The perceptual term in the autoencoder's restart (r117)") :]
     start = section.index("```bash\n") + 8
     block = section[start : section.index("\n```", start)]
     argv = shlex.split(block.replace("\\\n", " "))
@@ -507,6 +507,8 @@ def test_recipe_90min_is_the_model_cards_command_and_flags_still_win():
     }
     assert set(train_demo.RECIPES["90min"]) <= set(documented)  # no key sets a flag that is not one
     assert preset["ldm_minutes"] == 55.0 and preset["ae_colour_weight"] == 0.3
+    assert preset["restart_perceptual_weight"] == 5.0
+    assert train_demo._parse([]).restart_perceptual_weight == 0.0
     # the defaults are still the full recipe's, and a flag given beside a recipe wins
     assert train_demo._parse([]).ldm_minutes == 40.0
     assert train_demo._parse(["--recipe", "90min", "--ldm-minutes", "50"]).ldm_minutes == 50.0
