@@ -148,6 +148,28 @@ def errors_by_size(
     return out
 
 
+def errors_by_template(
+    preds: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], templates: list[int]
+) -> list[dict]:
+    """Per held-out template, in `world.HELDOUT_TEMPLATES` order: its prompts, how many have any
+    attribute wrong, and the misreadings per attribute (attributes without errors left out)."""
+    index = torch.tensor(templates)
+    out = []
+    for t, template in enumerate(world.HELDOUT_TEMPLATES):
+        mine = index == t
+        wrong = {a: int(((preds[a] != labels[a]) & mine).sum()) for a in world.ATTRIBUTES}
+        any_wrong = torch.stack([preds[a] != labels[a] for a in world.ATTRIBUTES]).any(dim=0)
+        out.append(
+            {
+                "template": template,
+                "prompts": int(mine.sum()),
+                "wrong": int((any_wrong & mine).sum()),
+                "errors": {a: n for a, n in wrong.items() if n},
+            }
+        )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models/Stable-diffusion/demo-shapes.safetensors"))
@@ -170,9 +192,9 @@ def main() -> int:
 
     judge = judge_classifier()
     ckpt = load_checkpoint(args.model, device="cpu", dtype=torch.float32)
-    pairs = world.benchmark_prompts(args.prompts, args.prompt_seed)
-    prompts = [prompt for prompt, _ in pairs]
-    labels = world.label_tensors([scene for _, scene in pairs])
+    items = world.benchmark_items(args.prompts, args.prompt_seed)
+    prompts = [prompt for prompt, _, _ in items]
+    labels = world.label_tensors([scene for _, scene, _ in items])
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -203,12 +225,21 @@ def main() -> int:
     for a, counts in by_size.items():
         shown = ", ".join(f"{size} {n}" for size, n in counts.items())
         print(f"  {a} errors by the object's size: {shown}")
+    by_template = errors_by_template(preds, labels, [t for _, _, t in items])
+    for row in by_template:
+        shown = ", ".join(f"{a} {n}" for a, n in row["errors"].items())
+        print(
+            f"  template {row['wrong']:>2}/{row['prompts']} wrong"
+            + (f" ({shown})" if shown else "")
+            + f": {row['template']}"
+        )
     result = {
         "accuracy": acc,
         "all_attributes": float(all_right.float().mean()),
         "prompts": len(prompts),
         "errors": {a: [list(e) for e in pairs_] for a, pairs_ in errors.items()},
         "errors_by_size": by_size,
+        "errors_by_template": by_template,
     }
     if not args.no_timing:
         t = time_one_txt2img(ckpt, args)

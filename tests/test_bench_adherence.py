@@ -54,3 +54,34 @@ def test_errors_by_size_split_each_attributes_misreadings_by_the_main_objects_si
         "shape": {"small": 0, "large": 1},
         "size": {"small": 1, "large": 0},
     }
+
+
+def test_errors_by_template_count_each_held_out_wordings_misreadings():
+    labels = {a: torch.zeros(5, dtype=torch.long) for a in world.ATTRIBUTES}
+    preds = {a: torch.zeros(5, dtype=torch.long) for a in world.ATTRIBUTES}
+    templates = [6, 6, 6, 0, 0]
+    preds["colour"][:2] = 4  # two prompts of template 6 with the colours swapped
+    preds["background"][:2] = 1
+    preds["shape"][3] = 2  # and one shape error on template 0
+
+    rows = _bench().errors_by_template(preds, labels, templates)
+
+    assert [r["template"] for r in rows] == list(world.HELDOUT_TEMPLATES)
+    assert rows[6] == {
+        "template": world.HELDOUT_TEMPLATES[6],
+        "prompts": 3,
+        "wrong": 2,
+        "errors": {"colour": 2, "background": 2},
+    }
+    assert rows[0]["prompts"] == 2 and rows[0]["wrong"] == 1 and rows[0]["errors"] == {"shape": 1}
+    assert all(r["prompts"] == 0 and r["wrong"] == 0 for r in rows[1:6])
+
+
+def test_benchmark_items_name_the_held_out_template_each_prompt_was_worded_with():
+    items = world.benchmark_items(56, 5)
+    assert [(p, s) for p, s, _ in items] == world.benchmark_prompts(56, 5)
+    counts = [sum(t == i for _, _, t in items) for i in range(len(world.HELDOUT_TEMPLATES))]
+    assert counts == [8] * 7
+    for prompt, _, t in items:  # the template's fixed words are in its prompts
+        words = [w for w in world.HELDOUT_TEMPLATES[t].split() if "{" not in w]
+        assert all(w.strip(",;:") in prompt for w in words), (prompt, t)

@@ -454,6 +454,30 @@ def test_text_steps_fix_the_text_stage_length_and_its_cosine(tmp_path):
             train_demo._parse(bad)
 
 
+def test_text_stage_warns_when_held_out_prompts_decode_below_100_percent(
+    tmp_path, monkeypatch, caplog
+):
+    """r119's text stage read colour 94.6% and background 92.9% and the model missed both bars:
+    the stage says so when it ends and again when a resumed run loads it."""
+    from ldm_core.training import text_pretrain, train_demo
+
+    reads = {"colour": 0.946, "shape": 1.0, "background": 0.929}
+    monkeypatch.setattr(
+        text_pretrain,
+        "pretrain_text_encoder",
+        lambda *a, **k: (text_pretrain.TextEncoder(TINY_TEXT), dict(reads)),
+    )
+    args = train_demo._parse(["--text-minutes", "6"])
+    for _ in range(2):  # trained, then loaded from text_final.pt
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=text_pretrain.log.name):
+            text_pretrain.stage_text(args, tmp_path)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert "colour 94.6%, background 92.9%" in warning and "--seed" in warning
+        assert "shape" not in warning
+    assert text_pretrain.heldout_warning({"colour": 1.0, "background": 1.0}) is None
+
+
 def test_ldm_seed_moves_only_the_joint_stage_and_its_restart():
     from ldm_core.training import train_demo
 

@@ -373,6 +373,24 @@ def pretrain_text_encoder(
     return text_encoder, acc
 
 
+def heldout_warning(acc: dict[str, float]) -> str | None:
+    """A warning when the text stage reads any attribute of the held-out prompts below 100%.
+
+    Measured (docs/demo-model.md, "Another master seed"): the 90-minute runs whose text stage
+    decoded every attribute at 100% met every bar; r119's decoded colour 94.6% and background
+    92.9%, and the finished model missed those two bars, its errors one held-out wording."""
+    low = {a: v for a, v in acc.items() if v < 1.0}
+    if not low:
+        return None
+    read = ", ".join(f"{a} {v:.1%}" for a, v in low.items())
+    return (
+        f"text stage: the held-out prompts decode {read}, below 100%; the one 90-minute run "
+        "measured with this missed the benchmark's colour and background bars 55 minutes later. "
+        "Consider stopping and starting again with another --seed "
+        "(docs/demo-model.md, 'Another master seed')"
+    )
+
+
 def stage_text(args, workdir: Path) -> dict | None:
     """train_demo's text stage: the pre-trained encoder as an `init` for `train_ldm`, or None
     when `--text-minutes` is 0 (the joint stage then starts the text encoder from random)."""
@@ -393,6 +411,8 @@ def stage_text(args, workdir: Path) -> dict | None:
                 f"{code[1]} rows); start it again with --no-resume or use another workdir"
             )
         log.info("text: loaded %s", final)
+        if warning := heldout_warning(state.get("heldout", {})):
+            log.warning(warning)
         return {"text_encoder": state["text_encoder"]}
     cfg = TextPretrainConfig(
         minutes=minutes,
@@ -409,4 +429,6 @@ def stage_text(args, workdir: Path) -> dict | None:
     )
     state = text_encoder.state_dict()
     torch.save({"text_encoder": state, "heldout": acc, "config": asdict(cfg)}, final)
+    if warning := heldout_warning(acc):
+        log.warning(warning)
     return {"text_encoder": state}

@@ -418,6 +418,11 @@ def benchmark_prompts(n: int, seed: int) -> list[tuple[str, Scene]]:
     Object colour / background pairs, shapes, sizes, positions and templates are each spread
     evenly: with n a multiple of 56 every (colour, background) pair appears equally often.
     """
+    return [(prompt, scene) for prompt, scene, _ in benchmark_items(n, seed)]
+
+
+def benchmark_items(n: int, seed: int) -> list[tuple[str, Scene, int]]:
+    """`benchmark_prompts` with each prompt's index into `HELDOUT_TEMPLATES`."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xBE9C]))
     pairs = [(c, b) for c in COLOUR_NAMES for b in COLOUR_NAMES if c != b]
     pair_idx = _balanced(rng, len(pairs), n)
@@ -432,7 +437,8 @@ def benchmark_prompts(n: int, seed: int) -> list[tuple[str, Scene]]:
             rng, SHAPES[shape_idx[i]], colour, SIZES[size_idx[i]], POSITION_NAMES[pos_idx[i]]
         )
         scene = Scene((obj,), background)
-        out.append((fill_template(HELDOUT_TEMPLATES[template_idx[i]], scene, rng), scene))
+        t = int(template_idx[i])
+        out.append((fill_template(HELDOUT_TEMPLATES[t], scene, rng), scene, t))
     return out
 
 
