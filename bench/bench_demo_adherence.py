@@ -154,17 +154,18 @@ def errors_by_template(
     """Per held-out template, in `world.HELDOUT_TEMPLATES` order: its prompts, how many have any
     attribute wrong, and the misreadings per attribute (attributes without errors left out)."""
     index = torch.tensor(templates)
-    any_wrong = torch.stack([preds[a] != labels[a] for a in world.ATTRIBUTES]).any(dim=0)
+    wrong = {a: preds[a] != labels[a] for a in world.ATTRIBUTES}
+    any_wrong = torch.stack(list(wrong.values())).any(dim=0)
     out = []
     for t, template in enumerate(world.HELDOUT_TEMPLATES):
         mine = index == t
-        wrong = {a: int(((preds[a] != labels[a]) & mine).sum()) for a in world.ATTRIBUTES}
+        counts = {a: int((w & mine).sum()) for a, w in wrong.items()}
         out.append(
             {
                 "template": template,
                 "prompts": int(mine.sum()),
                 "wrong": int((any_wrong & mine).sum()),
-                "errors": {a: n for a, n in wrong.items() if n},
+                "errors": {a: n for a, n in counts.items() if n},
             }
         )
     return out

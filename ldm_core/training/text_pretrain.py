@@ -378,7 +378,8 @@ def heldout_warning(acc: dict[str, float]) -> str | None:
 
     Measured (docs/demo-model.md, "Another master seed"): the 90-minute runs whose text stage
     decoded every attribute at 100% met every bar; r119's decoded colour 94.6% and background
-    92.9%, and the finished model missed those two bars, most of its errors on one held-out wording."""
+    92.9%, and the finished model missed those two bars, most of its errors on one held-out
+    wording."""
     low = {a: v for a, v in acc.items() if v < 1.0}
     if not low:
         return None
