@@ -1,6 +1,6 @@
 """Training-caption augmentation for the demo model.
 
-The world's 14 training templates alone teach the text encoder the templates, not the language:
+The world's training templates alone teach the text encoder the templates, not the language:
 the first demo run read object and background colours right on training wordings and barely
 above chance on held-out ones. Two augmentations make it read the words that matter, whatever
 sentence is around them:

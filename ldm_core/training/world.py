@@ -331,6 +331,11 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "{a_np_ns}, {pos}, on {a_bg} background",
     "a {shape}, {colour}, {size}, {pos}, {bg} background",
     "{a_np} on {a_bg} background, {where}",
+    # The colour after the noun: without these, some seeds bind a colour that follows "is" to
+    # the background (r119).
+    "the {shape} {where} is {size} and {colour}; {bg} background",
+    "a {size} {shape} coloured {colour}, {where}, on {bg}",
+    "the {shape} is {size}, its colour is {colour}, {pos}, the background {bg}",
 )
 HELDOUT_TEMPLATES: tuple[str, ...] = (
     "there is {a_np} {where}; the backdrop is {bg}",
