@@ -373,21 +373,24 @@ def pretrain_text_encoder(
     return text_encoder, acc
 
 
-def heldout_warning(acc: dict[str, float]) -> str | None:
-    """A warning when the text stage reads any attribute of the held-out prompts below 100%.
+# The text stage's held-out decode below which `heldout_warning` speaks. Measured on 90-minute
+# runs: r115 to r118 decoded 100% and r120 (seed 1) 99.6%, and all met every bar; r119 (seed 1,
+# before the training wordings that put the colour after the noun) decoded colour 94.6% and
+# background 92.9% and missed those two bars.
+HELDOUT_WARN_BELOW = 0.98
 
-    Measured (docs/demo-model.md, "Another master seed"): the 90-minute runs whose text stage
-    decoded every attribute at 100% met every bar; r119's decoded colour 94.6% and background
-    92.9%, and the finished model missed those two bars, most of its errors on one held-out
-    wording."""
-    low = {a: v for a, v in acc.items() if v < 1.0}
+
+def heldout_warning(acc: dict[str, float]) -> str | None:
+    """A warning when the text stage reads an attribute of the held-out prompts below
+    `HELDOUT_WARN_BELOW` (docs/demo-model.md, "Another master seed")."""
+    low = {a: v for a, v in acc.items() if v < HELDOUT_WARN_BELOW}
     if not low:
         return None
     read = ", ".join(f"{a} {v:.1%}" for a, v in low.items())
     return (
-        f"text stage: the held-out prompts decode {read}, below 100%; the one 90-minute run "
-        "measured with this missed the benchmark's colour and background bars 55 minutes later. "
-        "Consider stopping and starting again with another --seed "
+        f"text stage: the held-out prompts decode {read}, below {HELDOUT_WARN_BELOW:.0%}; the one "
+        "90-minute run measured with this missed the benchmark's colour and background bars 55 "
+        "minutes later. Consider stopping and starting again with another --seed "
         "(docs/demo-model.md, 'Another master seed')"
     )
 
