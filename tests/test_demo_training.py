@@ -454,7 +454,7 @@ def test_text_steps_fix_the_text_stage_length_and_its_cosine(tmp_path):
             train_demo._parse(bad)
 
 
-def test_text_stage_warns_when_held_out_prompts_decode_below_100_percent(
+def test_text_stage_warns_when_held_out_prompts_decode_below_98_percent(
     tmp_path, monkeypatch, caplog
 ):
     """r119's text stage read colour 94.6% and background 92.9% and the model missed both bars:
