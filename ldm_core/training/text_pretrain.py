@@ -374,7 +374,7 @@ def pretrain_text_encoder(
 
 
 # The text stage's held-out decode below which `heldout_warning` speaks. Measured on 90-minute
-# runs: r115 to r118 decoded 100% and r120 (seed 1) 99.6%, and all met every bar; r119 (seed 1,
+# runs: r115 to r118 and r121 decoded 100% and r120 (seed 1) 99.6%, all met every bar; r119 (seed 1,
 # before the training wordings that put the colour after the noun) decoded colour 94.6% and
 # background 92.9% and missed those two bars.
 HELDOUT_WARN_BELOW = 0.98

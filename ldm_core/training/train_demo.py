@@ -47,7 +47,8 @@ from ldm_core.training import autoencoder as ae_mod
 log = logging.getLogger("ldm_core.training.train_demo")
 
 # `--recipe NAME`: a named set of defaults; flags given on the command line still win.
-# "90min" made the shipped file (r117: 87.9 minutes from scratch on 2 cores, gate shapes 99.6%).
+# "90min" made the shipped file (r121: 88.1 minutes from scratch on 2 cores, gate shapes 99.6%;
+# r117 before it, the same command when the world had 14 training templates).
 # Without the perceptual term in the restart it made r115 and r116, which met every adherence bar,
 # but only r115 passed the autoencoder gate (docs/demo-model.md, "The 90-minute recipe", "The
 # perceptual term in the autoencoder's restart").
