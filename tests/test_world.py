@@ -137,11 +137,11 @@ def test_heldout_templates_are_disjoint_from_train():
 
 def test_train_templates_put_the_object_colour_after_is():
     # Without such sentences, r119's text encoder gave the colour after "is" to the background.
-    after_is = [t for t in TRAIN_TEMPLATES if "{shape}" in t and " is " in t.split("{shape}", 1)[1]]
-    assert len(after_is) >= 2
-    for template in after_is:
-        rest = template.split("{shape}", 1)[1]
-        assert rest.index(" is ") < rest.index("{colour}")
+    def colour_after_is(template: str) -> bool:
+        rest = template.partition("{shape}")[2]
+        return "{colour}" in rest and " is " in rest[: rest.index("{colour}")]
+
+    assert sum(map(colour_after_is, TRAIN_TEMPLATES)) >= 2
     # ...and none of them is the held-out sentence's own frame.
     assert not any("is {colour} and {size}" in t for t in TRAIN_TEMPLATES)
 
